@@ -1,0 +1,3 @@
+from fedloop.cli import main
+
+main()

@@ -1,0 +1,75 @@
+"""The book's imperative agent API, for readers porting simple-fl code.
+
+    client = Client("http://127.0.0.1:8765", name="a1")
+    client.send_initial_model(weights)
+    while True:
+        global_weights = client.wait_for_global_model()
+        client.send_trained_model(train(global_weights), num_samples, {"accuracy": acc})
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from fedloop.agent.client import AggregatorClient, Refused, retry
+from fedloop.protocol import codec
+from fedloop.types import Weights
+
+
+class Client:
+    """A minimal blocking agent: you call each step yourself."""
+
+    def __init__(self, aggregator_url: str, name: str, *, poll_wait: float = 10.0) -> None:
+        self.client = AggregatorClient(aggregator_url)
+        self.name = name
+        self.poll_wait = poll_wait
+        self.agent_id: str | None = None
+        self.global_round = -1
+        self.finished = False
+
+    def send_initial_model(self, weights: Mapping[str, np.ndarray]) -> str:
+        """Register with `weights` as this agent's initial model; return the agent id."""
+        reply = retry(lambda: self.client.register(self.name, weights))
+        self.agent_id = reply.agent_id
+        return reply.agent_id
+
+    def wait_for_global_model(self, timeout: float | None = None) -> Weights | None:
+        """Block until a global model newer than the last one received arrives, and return it.
+
+        Returns None when `timeout` seconds pass first.
+        """
+        waited = 0.0
+        while timeout is None or waited < timeout:
+            wait = self.poll_wait if timeout is None else min(self.poll_wait, timeout - waited)
+            result = retry(lambda: self.client.latest_global(self.global_round, wait))
+            waited += wait
+            if result is not None:
+                info, data = result
+                self.global_round, self.finished = info.round, info.finished
+                return codec.decode(data)
+        return None
+
+    def send_trained_model(
+        self,
+        weights: Mapping[str, np.ndarray],
+        num_samples: int,
+        metrics: Mapping[str, float] | None = None,
+    ) -> bool:
+        """Upload a local model trained on the last global model; False if it was overtaken."""
+        if self.agent_id is None:
+            raise RuntimeError("call send_initial_model() first")
+        agent_id, data = self.agent_id, codec.encode(weights)
+        try:
+            retry(
+                lambda: self.client.upload(agent_id, self.global_round + 1, data, num_samples, metrics)
+            )
+        except Refused as exc:
+            if exc.code in ("round_closed", "round_not_open", "run_finished"):
+                return False
+            raise
+        return True
+
+    def close(self) -> None:
+        self.client.close()

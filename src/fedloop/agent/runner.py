@@ -1,0 +1,194 @@
+"""`Agent`: drives a user's ML engine through rounds, resuming from its directory after a crash."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+
+import numpy as np
+
+from fedloop.agent.client import AggregatorClient, PushListener, Refused, retry
+from fedloop.agent.state import AgentState, Phase, StateDir
+from fedloop.errors import FedloopError
+from fedloop.protocol import codec
+from fedloop.types import Weights
+
+log = logging.getLogger("fedloop.agent")
+T = TypeVar("T")
+
+# Refusals after which a trained model is dropped: a newer global model overtook it.
+_OVERTAKEN = {"round_closed", "round_not_open", "duplicate_upload", "run_finished"}
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A user's ML engine: anything with this `train` (and optionally `evaluate`)."""
+
+    def train(
+        self, weights: Weights, config: dict[str, Any]
+    ) -> tuple[Weights, int, Mapping[str, float]]: ...
+
+
+class Agent:
+    """An FL client: register, wait for the global model, train, upload, repeat."""
+
+    def __init__(
+        self,
+        engine: Any,
+        aggregator_url: str,
+        name: str,
+        workdir: str | Path | None = None,
+        *,
+        mode: Literal["push", "poll"] = "push",
+        initial_weights: Mapping[str, np.ndarray] | None = None,
+        max_rounds: int | None = None,
+        evaluate_global: bool = True,
+        poll_wait: float = 10.0,
+        backoff_max: float = 5.0,
+        give_up_after: float | None = None,
+        verify: bool | str = True,
+    ) -> None:
+        if not hasattr(engine, "train"):
+            raise FedloopError("the ML engine must have a train(weights, config) method")
+        self.engine = engine
+        self.url = aggregator_url
+        self.name = name
+        self.dir = StateDir(workdir or Path(tempfile.gettempdir()) / f"fedloop-agent-{name}")
+        self.mode = mode
+        self.initial_weights = initial_weights
+        self.max_rounds = max_rounds
+        self.evaluate_global = evaluate_global and hasattr(engine, "evaluate")
+        self.poll_wait = poll_wait
+        self.backoff_max = backoff_max
+        self.give_up_after = give_up_after
+        self.client = AggregatorClient(aggregator_url, verify=verify)
+        self.stop_event = threading.Event()
+        self.push: PushListener | None = None
+        self.state = self.dir.load(name)
+
+    # --- helpers --------------------------------------------------------------------------
+    def _call(self, action: Callable[[], T]) -> T:
+        def note(exc: Exception, delay: float) -> None:
+            log.warning("%s; retrying in %.1f s", exc, delay)
+
+        return retry(action, self.stop_event, self.backoff_max, self.give_up_after, note)
+
+    def _enter(self, phase: Phase) -> None:
+        self.state.phase = phase
+        self.dir.save(self.state)
+
+    def _initial_weights(self) -> Weights | None:
+        if self.initial_weights is not None:
+            return dict(self.initial_weights)
+        make = getattr(self.engine, "initial_weights", None)
+        return make() if callable(make) else None
+
+    # --- the state machine ----------------------------------------------------------------
+    def register(self) -> str:
+        """Register (again) and return the agent id; the first time the initial model goes along."""
+        weights = None if self.state.agent_id else self._initial_weights()
+        reply = self._call(lambda: self.client.register(self.name, weights))
+        self.state.agent_id = reply.agent_id
+        self.dir.save(self.state)
+        log.info("registered as %s; aggregator at round %d", reply.agent_id, reply.round)
+        return reply.agent_id
+
+    def run(self) -> AgentState:
+        """Run rounds until the aggregator finishes the run, `max_rounds`, or `stop()`."""
+        agent_id = self.register()
+        if self.mode == "push":
+            self.push = PushListener(self.url, agent_id, self.backoff_max).start()
+        try:
+            while not self.stop_event.is_set():
+                if self.state.phase == Phase.WAITING_GM:
+                    if self.state.finished or self._done():
+                        break
+                    self._wait_for_global()
+                elif self.state.phase in (Phase.GM_READY, Phase.TRAINING):
+                    self._train()
+                elif self.state.phase == Phase.SENDING:
+                    self._send()
+        finally:
+            if self.push is not None:
+                self.push.stop()
+            self.client.close()
+        return self.state
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def _done(self) -> bool:
+        return self.max_rounds is not None and self.state.rounds_trained >= self.max_rounds
+
+    def _wait_for_global(self) -> None:
+        held = self.state.global_round
+        if self.push is not None and self.push.connected:
+            if not self.push.wait_beyond(held, 1.0):
+                return
+            result = self._call(lambda: self.client.latest_global(held))
+        else:
+            result = self._call(lambda: self.client.latest_global(held, self.poll_wait))
+        if result is None:
+            return
+        info, data = result
+        self.dir.save_global(data)
+        self.state.global_round, self.state.config = info.round, dict(info.config)
+        self.state.finished = info.finished
+        self._enter(Phase.GM_READY)
+        log.info("global model %d received%s", info.round, " (final)" if info.finished else "")
+        if self.evaluate_global:
+            self._evaluate_global(info.round)
+        if info.finished:
+            self._enter(Phase.WAITING_GM)
+
+    def _evaluate_global(self, round_number: int) -> None:
+        metrics = self.engine.evaluate(self.dir.load_global(), dict(self.state.config))
+        assert self.state.agent_id is not None
+        agent_id = self.state.agent_id
+        try:
+            self._call(lambda: self.client.report(agent_id, round_number, metrics))
+        except Refused as exc:
+            log.info("evaluation of round %d not stored: %s", round_number, exc)
+
+    def _train(self) -> None:
+        self._enter(Phase.TRAINING)
+        weights = self.dir.load_global()
+        config = {**self.state.config, "round": self.state.global_round + 1}
+        new, num_samples, metrics = self.engine.train(weights, config)
+        meta = {
+            "round": self.state.global_round + 1,
+            "num_samples": int(num_samples),
+            "metrics": {k: float(v) for k, v in dict(metrics).items()},
+        }
+        self.dir.save_local(codec.encode(new), meta)
+        self._enter(Phase.SENDING)
+
+    def _send(self) -> None:
+        pending = self.dir.load_local()
+        if pending is None:  # killed between clearing the model and saving the phase
+            self._enter(Phase.WAITING_GM)
+            return
+        data, meta = pending
+        if self.push is not None and self.push.announced > self.state.global_round:
+            log.info("local model of round %d overtaken by a newer global model; discarded", meta["round"])
+        else:
+            assert self.state.agent_id is not None
+            agent_id = self.state.agent_id
+            try:
+                reply = self._call(
+                    lambda: self.client.upload(
+                        agent_id, meta["round"], data, meta["num_samples"], meta["metrics"]
+                    )
+                )
+                self.state.rounds_trained += 1
+                log.info("round %d: uploaded (%d/%d)", reply.round, reply.uploads, reply.needed)
+            except Refused as exc:
+                if exc.code not in _OVERTAKEN:
+                    raise
+                log.info("local model of round %d discarded: %s", meta["round"], exc)
+        self.dir.clear_local()
+        self._enter(Phase.WAITING_GM)

@@ -1,0 +1,96 @@
+"""The book's agent state machine, persisted in the agent's directory so a restart resumes it.
+
+waiting_gm → gm_ready → training → sending → waiting_gm
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from fedloop.protocol import codec
+from fedloop.types import Weights
+
+
+class Phase(StrEnum):
+    WAITING_GM = "waiting_gm"
+    GM_READY = "gm_ready"
+    TRAINING = "training"
+    SENDING = "sending"
+
+
+@dataclass
+class AgentState:
+    """What an agent must remember across restarts."""
+
+    name: str
+    agent_id: str | None = None
+    phase: Phase = Phase.WAITING_GM
+    global_round: int = -1  # round of the global model held in global.safetensors
+    config: dict[str, Any] = field(default_factory=dict)  # the round config sent with it
+    rounds_trained: int = 0
+    finished: bool = False
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class StateDir:
+    """An agent's working directory: state.json, the global model, the pending local model."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.state_file = self.path / "state.json"
+        self.global_file = self.path / "global.safetensors"
+        self.local_file = self.path / "local.safetensors"
+        self.local_meta = self.path / "local.json"
+
+    def load(self, name: str) -> AgentState:
+        if not self.state_file.exists():
+            return AgentState(name=name)
+        data = json.loads(self.state_file.read_text())
+        state = AgentState(**{**data, "phase": Phase(data["phase"])})
+        if state.name != name:
+            # A different agent's directory: starting over is safer than impersonating it.
+            return AgentState(name=name)
+        return state
+
+    def save(self, state: AgentState) -> None:
+        _atomic_write(self.state_file, json.dumps(asdict(state), indent=1).encode())
+
+    def save_global(self, data: bytes) -> None:
+        _atomic_write(self.global_file, data)
+
+    def load_global(self) -> Weights:
+        return codec.decode(self.global_file.read_bytes())
+
+    def save_local(self, data: bytes, meta: dict[str, Any]) -> None:
+        # The model first, then its metadata: metadata present implies the model is complete.
+        _atomic_write(self.local_file, data)
+        _atomic_write(self.local_meta, json.dumps(meta).encode())
+
+    def load_local(self) -> tuple[bytes, dict[str, Any]] | None:
+        if not self.local_meta.exists() or not self.local_file.exists():
+            return None
+        meta: dict[str, Any] = json.loads(self.local_meta.read_text())
+        return self.local_file.read_bytes(), meta
+
+    def clear_local(self) -> None:
+        self.local_meta.unlink(missing_ok=True)
+        self.local_file.unlink(missing_ok=True)

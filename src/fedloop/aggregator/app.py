@@ -1,0 +1,186 @@
+"""The aggregator's HTTP and WebSocket API: a thin Starlette layer over `Aggregator`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from fedloop.aggregator.service import Aggregator
+from fedloop.config import AggregatorConfig
+from fedloop.errors import ProtocolError
+from fedloop.protocol.messages import (
+    ErrorResponse,
+    MetricsReport,
+    RegisterRequest,
+    UploadRequest,
+    parse_message,
+)
+from fedloop.protocol.version import MESSAGE_HEADER, PROTOCOL_VERSION
+
+log = logging.getLogger("fedloop.aggregator")
+
+MAX_JSON_BYTES = 1024 * 1024
+LONG_POLL_MAX = 60.0
+
+
+def _error(status: int, code: str, detail: str) -> JSONResponse:
+    return JSONResponse(ErrorResponse(error=code, detail=detail).model_dump(), status_code=status)
+
+
+async def read_body(request: Request, limit: int) -> bytearray:
+    """Return the request body, refusing it as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError as exc:
+            raise ProtocolError("Content-Length is not a number", 400, "bad_request") from exc
+        if size > limit:
+            raise ProtocolError(
+                f"body of {size} bytes exceeds the limit of {limit} bytes (max_model_bytes)",
+                413,
+                "too_large",
+            )
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ProtocolError(
+                f"body exceeds the limit of {limit} bytes (max_model_bytes)", 413, "too_large"
+            )
+    return body
+
+
+def create_app(config: AggregatorConfig, aggregator: Aggregator | None = None) -> Starlette:
+    """Return the ASGI application serving the aggregator's API."""
+    agg = aggregator or Aggregator(config)
+    limit = config.max_model_bytes
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"ok": True, "protocol": PROTOCOL_VERSION})
+
+    async def register(request: Request) -> Response:
+        message = parse_message(RegisterRequest, request.headers.get(MESSAGE_HEADER))
+        body = await read_body(request, limit)
+        reply = await agg.register(message, body)
+        return JSONResponse(reply.model_dump())
+
+    async def upload(request: Request) -> Response:
+        message = parse_message(UploadRequest, request.headers.get(MESSAGE_HEADER))
+        body = await read_body(request, limit)
+        reply = await agg.upload(message, body)
+        return JSONResponse(reply.model_dump())
+
+    async def latest_global(request: Request) -> Response:
+        try:
+            after = int(request.query_params.get("after", "-1"))
+            wait = min(float(request.query_params.get("wait", "0")), LONG_POLL_MAX)
+        except ValueError as exc:
+            raise ProtocolError("'after' must be an integer and 'wait' a number", 400) from exc
+        model = await agg.wait_for_global(after, wait)
+        if model is None:
+            return Response(status_code=204, headers={"x-fedloop-status": "not-yet"})
+        agg.stats["bytes_out"] += len(model.data)
+        return Response(
+            model.data,
+            media_type="application/octet-stream",
+            headers={MESSAGE_HEADER: agg.global_info().model_dump_json()},
+        )
+
+    async def global_by_round(request: Request) -> Response:
+        number = int(request.path_params["round"])
+        row = await asyncio.to_thread(agg.store.global_model, number)
+        if row is None:
+            raise ProtocolError(f"there is no global model for round {number}", 404, "no_such_round")
+        data = await asyncio.to_thread(agg.blobs.get, row.model_id)
+        return Response(
+            data,
+            media_type="application/octet-stream",
+            headers={
+                "cache-control": "public, max-age=31536000, immutable",
+                "etag": f'"{row.model_id}"',
+            },
+        )
+
+    async def evaluations(request: Request) -> Response:
+        body = await read_body(request, MAX_JSON_BYTES)
+        message = parse_message(MetricsReport, bytes(body))
+        await agg.report(message)
+        return JSONResponse({"protocol": PROTOCOL_VERSION, "accepted": True})
+
+    async def status(request: Request) -> Response:
+        return JSONResponse(agg.status().model_dump())
+
+    async def history(request: Request) -> Response:
+        from fedloop.history import history_rows
+
+        rows = await asyncio.to_thread(history_rows, agg.store)
+        return JSONResponse({"protocol": PROTOCOL_VERSION, "rounds": rows})
+
+    async def push(websocket: WebSocket) -> None:
+        agent_id = websocket.query_params.get("agent_id", "")
+        if agent_id not in agg.agents:
+            await websocket.close(code=4404, reason="unknown agent; register first")
+            return
+        await websocket.accept()
+        queue = agg.subscribe(agent_id)
+
+        async def sender() -> None:
+            while True:
+                message = await queue.get()
+                await websocket.send_text(message.model_dump_json())
+
+        async def receiver() -> None:
+            with contextlib.suppress(WebSocketDisconnect):
+                while True:
+                    await websocket.receive_text()
+                    agg.last_seen[agent_id] = time.time()
+
+        tasks = [asyncio.create_task(sender()), asyncio.create_task(receiver())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            agg.unsubscribe(agent_id, queue)
+
+    async def protocol_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ProtocolError)
+        agg.stats["rejected"] += 1
+        log.warning("%s %s refused: %s", request.method, request.url.path, exc)
+        return _error(exc.status, exc.code, str(exc))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await agg.start()
+        yield
+        await agg.stop()
+
+    routes: list[Any] = [
+        Route("/v1/health", health),
+        Route("/v1/register", register, methods=["POST"]),
+        Route("/v1/updates", upload, methods=["POST"]),
+        Route("/v1/models/global/latest", latest_global),
+        Route("/v1/models/global/{round:int}", global_by_round),
+        Route("/v1/evaluations", evaluations, methods=["POST"]),
+        Route("/v1/status", status),
+        Route("/v1/history", history),
+        WebSocketRoute("/v1/ws", push),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={ProtocolError: protocol_error},
+    )
+    app.state.aggregator = agg
+    return app

@@ -1,0 +1,50 @@
+"""Run the aggregator's ASGI app on uvicorn, with the user's mistakes turned into sentences."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+
+import uvicorn
+
+from fedloop.aggregator.app import create_app
+from fedloop.config import AggregatorConfig
+from fedloop.errors import ConfigError
+
+
+def check_port(host: str, port: int) -> None:
+    """Raise a ConfigError if `host:port` cannot be bound (in use, or not this machine's)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"port {port} on {host} is already in use; stop what runs there or pass --port"
+                ) from exc
+            raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); pass --host") from exc
+
+
+def serve(config: AggregatorConfig) -> None:
+    """Serve until interrupted."""
+    check_port(config.host, config.port)
+    app = create_app(config)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=config.log_level,
+            access_log=False,
+            lifespan="on",
+            timeout_keep_alive=30,
+            ws_max_size=1024 * 1024,
+        )
+    )
+    logging.getLogger("fedloop").info(
+        "aggregator listening on http://%s:%d (data in %s)", config.host, config.port, config.data_dir
+    )
+    server.run()

@@ -1,0 +1,473 @@
+"""The aggregator's round logic, independent of HTTP: one instance per process.
+
+All state changes happen under one asyncio lock and are committed to the store before they are
+visible, so a process killed at any instant restarts into a state it had already committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedloop._loading import load_engine
+from fedloop.config import AggregatorConfig
+from fedloop.errors import ProtocolError
+from fedloop.protocol import codec
+from fedloop.protocol.codec import ModelSpec
+from fedloop.protocol.messages import (
+    GlobalModelInfo,
+    MetricsReport,
+    PushMessage,
+    RegisterRequest,
+    RegisterResponse,
+    StatusResponse,
+    UploadRequest,
+    UploadResponse,
+)
+from fedloop.store.blobs import BlobStore, blob_id
+from fedloop.store.db import (
+    AgentRow,
+    DuplicateUpload,
+    GlobalModelRow,
+    LocalModelRow,
+    Store,
+    database_url,
+)
+from fedloop.strategies import Strategy, Update
+from fedloop.strategies import load as load_strategy
+from fedloop.types import Weights
+
+log = logging.getLogger("fedloop.aggregator")
+
+SPEC_KEY = "model_spec"
+
+
+@dataclass
+class GlobalModel:
+    """The latest global model, kept encoded so that serving it costs no work."""
+
+    round: int
+    weights: Weights
+    data: bytes
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def needed_uploads(threshold: float, registered: int, min_agents: int) -> int:
+    """Return how many local models close a round: ceil(threshold × agents), at least min_agents."""
+    # The epsilon keeps 0.7 × 10 = 7.000000000000001 from needing 8.
+    return max(1, min_agents, math.ceil(threshold * registered - 1e-9))
+
+
+class Aggregator:
+    """Registers agents, accepts local models, aggregates, and announces global models."""
+
+    def __init__(self, config: AggregatorConfig) -> None:
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(database_url(config.data_dir, config.database_url))
+        self.blobs = BlobStore(config.data_dir / "blobs")
+        self.strategy: Strategy = load_strategy(config.strategy.name, **config.strategy.params)
+        self.evaluator: Any = (
+            load_engine(config.evaluate.engine, **config.evaluate.params)
+            if config.evaluate is not None
+            else None
+        )
+        self.lock = asyncio.Lock()
+        self.spec: ModelSpec | None = None
+        self.agents: dict[str, str] = {}  # id -> name
+        self.last_seen: dict[str, float] = {}
+        self.connected: set[str] = set()
+        self.round = 0  # the round collecting local models; 0 until the model is registered
+        self.round_started = 0.0
+        self.global_model: GlobalModel | None = None
+        self.pending: dict[str, Update] = {}
+        self.closing = False
+        self.finished = False
+        self.subscribers: set[asyncio.Queue[PushMessage]] = set()
+        self._new_global = asyncio.Event()
+        self._ticker: asyncio.Task[None] | None = None
+        self.stats = {"uploads": 0, "rejected": 0, "bytes_in": 0, "bytes_out": 0}
+
+    # --- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the committed state (a restart resumes the same round) and start the clock."""
+        await asyncio.to_thread(self._load)
+        self._ticker = asyncio.create_task(self._tick())
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        await asyncio.to_thread(self.store.close)
+
+    def _load(self) -> None:
+        spec = self.store.get_meta(SPEC_KEY)
+        self.spec = ModelSpec.from_json(spec) if spec else None
+        for agent in self.store.agents():
+            self.agents[agent.id] = agent.name
+            self.last_seen[agent.id] = agent.last_seen
+        latest = self.store.latest_global()
+        if latest is not None:
+            data = self.blobs.get(latest.model_id)
+            self.global_model = GlobalModel(
+                latest.round, codec.decode(data), data, dict(latest.metrics)
+            )
+            if latest.state_id:
+                self.strategy.load_state(codec.decode(self.blobs.get(latest.state_id)))
+            self.finished = bool(self.config.rounds) and latest.round >= self.config.rounds
+        opened = self.store.open_round()
+        if opened is not None:
+            self.round, self.round_started = opened.number, opened.started_at
+            for row in self.store.local_models(opened.number):
+                self.pending[row.agent_id] = Update(
+                    weights=codec.decode(self.blobs.get(row.model_id)),
+                    num_samples=row.num_samples,
+                    agent_id=row.agent_id,
+                    base_round=row.base_round,
+                    metrics=dict(row.metrics),
+                )
+        elif self.global_model is not None:
+            self.round = self.global_model.round + 1
+        self._collect_orphans()
+        if self.round:
+            log.info(
+                "resumed round %d with %d agents and %d local models",
+                self.round,
+                len(self.agents),
+                len(self.pending),
+            )
+
+    def _collect_orphans(self) -> None:
+        """Delete blobs no row names: written by a request that died before its commit."""
+        referenced = self.store.referenced_blobs()
+        for key in self.blobs.keys() - referenced:
+            self.blobs.delete(key)
+        for tmp in self.blobs.root.glob("*/*/.tmp-*"):
+            tmp.unlink(missing_ok=True)
+
+    # --- queries --------------------------------------------------------------------------
+    @property
+    def global_round(self) -> int:
+        return -1 if self.global_model is None else self.global_model.round
+
+    def needed(self) -> int:
+        return needed_uploads(
+            self.config.aggregation_threshold, len(self.agents), self.config.min_agents
+        )
+
+    def status(self) -> StatusResponse:
+        timeout = self.config.round_timeout
+        deadline = None
+        if timeout and self.round and not self.finished:
+            deadline = max(0.0, self.round_started + timeout - time.time())
+        return StatusResponse(
+            round=self.round,
+            global_round=self.global_round,
+            registered_agents=len(self.agents),
+            uploads=len(self.pending),
+            needed=self.needed(),
+            deadline_in=deadline,
+            finished=self.finished,
+            strategy=self.strategy.name,
+        )
+
+    def global_info(self) -> GlobalModelInfo:
+        assert self.global_model is not None
+        return GlobalModelInfo(
+            round=self.global_model.round,
+            config=self.strategy.round_config(self.global_model.round + 1),
+            finished=self.finished,
+        )
+
+    async def wait_for_global(self, after: int, timeout: float) -> GlobalModel | None:
+        """Return the latest global model if newer than `after`, waiting up to `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            model = self.global_model
+            if model is not None and model.round > after:
+                return model
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            event = self._new_global
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except TimeoutError:
+                return None
+
+    def known_agent(self, agent_id: str) -> None:
+        if agent_id not in self.agents:
+            raise ProtocolError(
+                f"agent {agent_id!r} is not registered with this aggregator; register first",
+                404,
+                "unknown_agent",
+            )
+        self.last_seen[agent_id] = time.time()
+
+    # --- registration ---------------------------------------------------------------------
+    async def register(self, request: RegisterRequest, body: bytes | bytearray) -> RegisterResponse:
+        """The book's participate → welcome: the same name always gets the same id."""
+        async with self.lock:
+            weights = None
+            if body:
+                weights = await asyncio.to_thread(codec.decode_checked, body, self.spec)
+            existing = next((i for i, n in self.agents.items() if n == request.agent_name), None)
+            if existing is not None:
+                agent_id = existing
+            else:
+                if len(self.agents) >= self.config.max_agents:
+                    raise ProtocolError(
+                        f"the aggregator already has its maximum of {self.config.max_agents} agents",
+                        403,
+                        "too_many_agents",
+                    )
+                if self.spec is None and weights is None:
+                    raise ProtocolError(
+                        "the first agent must send its initial model: it fixes the model's "
+                        "tensor names, shapes and dtypes",
+                        422,
+                        "initial_model_required",
+                    )
+                agent_id = uuid.uuid4().hex[:16]
+                now = time.time()
+                if self.spec is None:
+                    assert weights is not None
+                    await asyncio.to_thread(self._bootstrap, agent_id, request.agent_name, weights, now)
+                    self._announce()
+                else:
+                    await asyncio.to_thread(self.store.add_agent, agent_id, request.agent_name, now)
+                self.agents[agent_id] = request.agent_name
+                log.info("agent %s registered as %s (%d agents)", request.agent_name, agent_id, len(self.agents))
+            self.last_seen[agent_id] = time.time()
+            return RegisterResponse(
+                agent_id=agent_id,
+                round=self.round,
+                global_round=self.global_round,
+                finished=self.finished,
+            )
+
+    def _bootstrap(self, agent_id: str, name: str, weights: Weights, now: float) -> None:
+        """Fix the model from the first agent and store round 0's global model."""
+        spec = ModelSpec.of(weights)
+        initial = (
+            {k: np.array(v) for k, v in weights.items()} if self.config.init_weights else spec.zeros()
+        )
+        data = codec.encode(initial)
+        model_id = self.blobs.put(data)
+        self.store.set_meta(SPEC_KEY, spec.to_json())
+        self.store.add_agent(agent_id, name, now)
+        self.store.commit_global(
+            GlobalModelRow(
+                round=0,
+                model_id=model_id,
+                contributors=[],
+                total_samples=0,
+                metrics={},
+                seconds=0.0,
+                state_id=None,
+                created_at=now,
+            ),
+            next_round=1,
+            now=now,
+        )
+        self.spec = spec
+        metrics = self._evaluate(initial)
+        if metrics:
+            self.store.set_global_metrics(0, metrics)
+        self.global_model = GlobalModel(0, initial, data, metrics)
+        self.round, self.round_started = 1, now
+
+    # --- uploads --------------------------------------------------------------------------
+    def _check_round(self, agent_id: str, round_number: int) -> None:
+        if self.finished:
+            raise ProtocolError(
+                f"the run is finished after round {self.global_round}; no more uploads",
+                409,
+                "run_finished",
+            )
+        if round_number < self.round or (round_number == self.round and self.closing):
+            raise ProtocolError(
+                f"round {round_number} is closed; the current round is {self.round} — fetch "
+                "the latest global model and train on it",
+                409,
+                "round_closed",
+            )
+        if round_number > self.round:
+            raise ProtocolError(
+                f"round {round_number} is not open yet; the current round is {self.round}",
+                409,
+                "round_not_open",
+            )
+        if agent_id in self.pending:
+            raise ProtocolError(
+                f"agent {agent_id} already uploaded a local model for round {round_number}",
+                409,
+                "duplicate_upload",
+            )
+
+    async def upload(self, request: UploadRequest, body: bytes | bytearray) -> UploadResponse:
+        """Accept a local model for the current round, or refuse it with the reason."""
+        self.known_agent(request.agent_id)
+        self._check_round(request.agent_id, request.round)
+        if self.spec is None:
+            raise ProtocolError("no model is registered yet", 409, "no_model")
+        weights = await asyncio.to_thread(codec.decode_checked, body, self.spec)
+        async with self.lock:
+            self._check_round(request.agent_id, request.round)  # may have changed while decoding
+            now = time.time()
+            model_id = await asyncio.to_thread(self.blobs.put, body)
+            row = LocalModelRow(
+                agent_id=request.agent_id,
+                round=request.round,
+                base_round=self.global_round,
+                model_id=model_id,
+                num_samples=request.num_samples,
+                metrics=request.metrics,
+                nbytes=len(body),
+                created_at=now,
+            )
+            try:
+                await asyncio.to_thread(self.store.add_local_model, row)
+            except DuplicateUpload as exc:
+                raise ProtocolError(str(exc), 409, "duplicate_upload") from exc
+            self.pending[request.agent_id] = Update(
+                weights=weights,
+                num_samples=request.num_samples,
+                agent_id=request.agent_id,
+                base_round=self.global_round,
+                metrics=request.metrics,
+            )
+            self.stats["uploads"] += 1
+            self.stats["bytes_in"] += len(body)
+            uploads, needed = len(self.pending), self.needed()
+            log.info(
+                "round %d: local model from %s (%d/%d)", self.round, request.agent_id, uploads, needed
+            )
+            if uploads >= needed:
+                self.closing = True
+                asyncio.create_task(self._close_round("threshold"))
+            return UploadResponse(accepted=True, round=request.round, uploads=uploads, needed=needed)
+
+    async def report(self, request: MetricsReport) -> None:
+        """Store an agent's evaluation of a global model on its own data."""
+        self.known_agent(request.agent_id)
+        if request.round > self.global_round:
+            raise ProtocolError(f"global model {request.round} does not exist yet", 409, "no_such_round")
+        try:
+            await asyncio.to_thread(
+                self.store.add_evaluation, request.agent_id, request.round, request.metrics
+            )
+        except DuplicateUpload as exc:
+            raise ProtocolError(str(exc), 409, "duplicate_report") from exc
+
+    # --- aggregation ----------------------------------------------------------------------
+    async def _close_round(self, reason: str) -> None:
+        try:
+            async with self.lock:
+                await asyncio.to_thread(self._aggregate, reason)
+                self._announce()
+        except Exception:
+            log.exception("aggregation of round %d failed; the round stays open", self.round)
+            self.closing = False
+
+    def _evaluate(self, weights: Weights) -> dict[str, float]:
+        if self.evaluator is None:
+            return {}
+        config = self.config.evaluate.config if self.config.evaluate else {}
+        metrics = self.evaluator.evaluate(weights, dict(config))
+        return {k: float(v) for k, v in metrics.items()}
+
+    def _aggregate(self, reason: str) -> None:
+        assert self.global_model is not None and self.spec is not None
+        started = time.perf_counter()
+        updates = [self.pending[k] for k in sorted(self.pending)]
+        result = self.strategy.aggregate(self.global_model.weights, updates, server_round=self.round)
+        new = {t.name: np.asarray(result[t.name], dtype=codec._DTYPES[t.dtype]) for t in self.spec.tensors}
+        codec.check_against(new, self.spec)
+        data = codec.encode(new)
+        model_id = self.blobs.put(data)
+        state = self.strategy.state()
+        state_id = self.blobs.put(codec.encode(state)) if state else None
+        metrics = self._evaluate(new)
+        now = time.time()
+        finished = bool(self.config.rounds) and self.round >= self.config.rounds
+        self.store.commit_global(
+            GlobalModelRow(
+                round=self.round,
+                model_id=model_id,
+                contributors=[u.agent_id for u in updates],
+                total_samples=sum(u.num_samples for u in updates),
+                metrics=metrics,
+                seconds=now - self.round_started,
+                state_id=state_id,
+                created_at=now,
+            ),
+            next_round=None if finished else self.round + 1,
+            now=now,
+        )
+        log.info(
+            "round %d aggregated (%s) from %d local models in %.3f s%s",
+            self.round,
+            reason,
+            len(updates),
+            time.perf_counter() - started,
+            f"; {metrics}" if metrics else "",
+        )
+        self.global_model = GlobalModel(self.round, new, data, metrics)
+        self.finished = finished
+        self.pending = {}
+        self.round += 1
+        self.round_started = now
+        self.closing = False
+
+    def _announce(self) -> None:
+        message = PushMessage(round=self.global_round, finished=self.finished)
+        for queue in list(self.subscribers):
+            queue.put_nowait(message)
+        self._new_global.set()
+        self._new_global = asyncio.Event()
+
+    async def _tick(self) -> None:
+        """Close a round at its deadline, and persist last-contact times now and then."""
+        flushed: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(0.2)
+            timeout = self.config.round_timeout
+            if (
+                timeout
+                and self.round
+                and not self.closing
+                and not self.finished
+                and time.time() - self.round_started >= timeout
+                and len(self.pending) >= self.config.min_agents
+            ):
+                self.closing = True
+                asyncio.create_task(self._close_round("deadline"))
+            changed = {k: v for k, v in self.last_seen.items() if flushed.get(k) != v}
+            if changed:
+                try:
+                    await asyncio.to_thread(self.store.touch_agents, changed)
+                    flushed.update(changed)
+                except Exception:  # the store may be briefly locked; try again next tick
+                    log.debug("could not persist last contact times", exc_info=True)
+
+    def subscribe(self, agent_id: str) -> asyncio.Queue[PushMessage]:
+        queue: asyncio.Queue[PushMessage] = asyncio.Queue()
+        self.subscribers.add(queue)
+        self.connected.add(agent_id)
+        if self.global_model is not None:
+            queue.put_nowait(PushMessage(round=self.global_round, finished=self.finished))
+        return queue
+
+    def unsubscribe(self, agent_id: str, queue: asyncio.Queue[PushMessage]) -> None:
+        self.subscribers.discard(queue)
+        self.connected.discard(agent_id)
+
+    def agent_rows(self) -> list[AgentRow]:
+        return self.store.agents()

@@ -1,0 +1,184 @@
+"""`fedloop …`: the command line. A user's mistake prints one sentence, not a traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fedloop.errors import FedloopError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="fedloop: federated learning — aggregator, agents, and the records of every round.",
+)
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(2)
+
+
+def _parse_sets(values: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise FedloopError(f"--set {item!r} is not key=value; write e.g. --set epochs=2")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
+@app.command()
+def aggregator(
+    config: Annotated[Path | None, typer.Option(help="TOML config file.")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Directory for the database and blobs.")] = None,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL (PostgreSQL).")] = None,
+    log_format: Annotated[str, typer.Option(help="text or json.")] = "text",
+) -> None:
+    """Run the aggregator (FL server)."""
+    from fedloop.config import load_config
+    from fedloop.logs import setup_logging
+
+    try:
+        cfg = load_config(
+            config, host=host, port=port, data_dir=data_dir, database_url=database_url
+        )
+        setup_logging(cfg.log_level, log_format)
+        from fedloop.aggregator.server import serve
+
+        serve(cfg)
+    except FedloopError as exc:
+        _fail(exc)
+
+
+@app.command()
+def agent(
+    engine: Annotated[str, typer.Argument(help="ML engine as module:object (object or factory).")],
+    url: Annotated[str, typer.Option(help="Aggregator URL.")] = "http://127.0.0.1:8765",
+    name: Annotated[str | None, typer.Option(help="Agent name (stable across restarts).")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Directory for the agent's state.")] = None,
+    mode: Annotated[str, typer.Option(help="push or poll.")] = "push",
+    rounds: Annotated[int | None, typer.Option(help="Stop after training this many rounds.")] = None,
+    set_: Annotated[
+        list[str], typer.Option("--set", help="key=value passed to the engine factory.")
+    ] = [],  # noqa: B006 - typer reads the default, never mutates it
+    give_up_after: Annotated[
+        float | None, typer.Option(help="Seconds to keep retrying an unreachable aggregator.")
+    ] = None,
+    log_format: Annotated[str, typer.Option(help="text or json.")] = "text",
+) -> None:
+    """Run an agent (FL client) that drives an ML engine."""
+    import socket
+
+    from fedloop._loading import load_engine
+    from fedloop.agent import Agent
+    from fedloop.logs import setup_logging
+
+    setup_logging("info", log_format)
+    if mode not in ("push", "poll"):
+        _fail(FedloopError(f"--mode must be push or poll, not {mode!r}"))
+    try:
+        ml_engine = load_engine(engine, **_parse_sets(set_))
+        agent_name = name or socket.gethostname()
+        runner = Agent(
+            ml_engine,
+            url,
+            agent_name,
+            workdir or Path(f".fedloop-agent-{agent_name}"),
+            mode=mode,  # type: ignore[arg-type]
+            max_rounds=rounds,
+            give_up_after=give_up_after,
+        )
+        state = runner.run()
+        typer.echo(f"agent {agent_name} done: {state.rounds_trained} rounds trained")
+    except FedloopError as exc:
+        _fail(exc)
+
+
+@app.command()
+def demo(
+    directory: Annotated[Path | None, typer.Option("--dir", help="Where the run's files go.")] = None,
+    rounds: Annotated[int, typer.Option(help="Rounds to run.")] = 5,
+    agents: Annotated[int, typer.Option(help="Agent processes.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary last.")] = False,
+) -> None:
+    """Run a federated image-classification run on loopback: aggregator + agents."""
+    from fedloop.demo import run_demo
+
+    try:
+        summary = run_demo(directory, rounds=rounds, agents=agents, echo=typer.echo)
+    except FedloopError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        typer.echo(json.dumps(summary))
+
+
+@app.command()
+def history(
+    config: Annotated[Path | None, typer.Option(help="The aggregator's TOML config.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="The aggregator's data directory.")] = None,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
+) -> None:
+    """Print one row per round: agents, samples, global metrics, seconds."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedloop.config import load_config
+    from fedloop.history import history_rows
+    from fedloop.store.db import Store, database_url as make_url
+
+    try:
+        cfg = load_config(config, data_dir=data_dir, database_url=database_url)
+        db = cfg.data_dir / "fedloop.db"
+        if cfg.database_url is None and not db.exists():
+            raise FedloopError(f"no fedloop database at {db}; pass --data-dir or --config of a run")
+        store = Store(make_url(cfg.data_dir, cfg.database_url))
+        rows = history_rows(store)
+        store.close()
+    except FedloopError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row))
+        return
+    keys = sorted({k for r in rows for k in r["global_metrics"]})
+    local_keys = sorted({k for r in rows for k in r["local_metrics_mean"]})
+    table = Table(title="fedloop history")
+    for column in ["round", "agents", "samples", *keys, *(f"local {k}" for k in local_keys), "seconds"]:
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(
+            str(r["round"]),
+            str(r["agents"]),
+            str(r["samples"]),
+            *(f"{r['global_metrics'][k]:.4f}" if k in r["global_metrics"] else "" for k in keys),
+            *(f"{r['local_metrics_mean'][k]:.4f}" if k in r["local_metrics_mean"] else "" for k in local_keys),
+            f"{r['seconds']:.3f}",
+        )
+    Console().print(table)
+
+
+@app.command()
+def version() -> None:
+    """Print fedloop's version and protocol version."""
+    from fedloop import __version__
+    from fedloop.protocol.version import PROTOCOL_VERSION
+
+    typer.echo(f"fedloop {__version__} (protocol {PROTOCOL_VERSION}, Python {sys.version.split()[0]})")
+
+
+def main() -> None:
+    app()

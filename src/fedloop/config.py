@@ -1,0 +1,101 @@
+"""Aggregator settings: TOML file < FEDLOOP_* environment < command-line flags."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedloop.errors import ConfigError
+
+
+class StrategyConfig(BaseModel):
+    """`[strategy]`: a registry name or `module:Class`, plus its parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "fedavg"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class EvaluateConfig(BaseModel):
+    """`[evaluate]`: an ML engine the aggregator uses to measure every global model."""
+
+    model_config = ConfigDict(extra="forbid")
+    engine: str
+    params: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of a factory
+    config: dict[str, Any] = Field(default_factory=dict)  # passed to evaluate()
+
+
+class AggregatorConfig(BaseModel):
+    """Everything an aggregator needs; every field has a safe default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535)
+    data_dir: Path = Path("fedloop-data")
+    database_url: str | None = None  # default: SQLite file in data_dir
+    aggregation_threshold: float = Field(1.0, gt=0.0, le=1.0)
+    min_agents: int = Field(1, ge=1)
+    round_timeout: float = Field(0.0, ge=0.0)  # seconds; 0 = no deadline
+    init_weights: bool = True
+    rounds: int = Field(0, ge=0)  # stop after this many global models; 0 = run forever
+    max_model_bytes: int = Field(2 * 1024**3, gt=0)
+    max_agents: int = Field(100_000, ge=1)
+    log_level: str = "info"
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    evaluate: EvaluateConfig | None = None
+
+    @model_validator(mode="after")
+    def _resolve(self) -> AggregatorConfig:
+        self.data_dir = Path(self.data_dir)
+        return self
+
+
+_ENV_PREFIX = "FEDLOOP_"
+
+
+def _from_env() -> dict[str, Any]:
+    fields = AggregatorConfig.model_fields
+    out: dict[str, Any] = {}
+    for key, value in os.environ.items():
+        if key.startswith(_ENV_PREFIX):
+            name = key[len(_ENV_PREFIX) :].lower()
+            if name in fields and name not in ("strategy", "evaluate"):
+                out[name] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> AggregatorConfig:
+    """Return the aggregator config from `path`, the environment and `overrides` (in that order).
+
+    TOML keys may sit at the top level or under `[aggregator]`; `[strategy]` and `[evaluate]`
+    are tables of their own.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {file} does not exist; pass the path of a TOML file")
+        try:
+            raw = tomllib.loads(file.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {file} is not valid TOML ({exc}); fix that line") from exc
+        data.update(raw.pop("aggregator", {}))
+        data.update(raw)
+    data.update(_from_env())
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return AggregatorConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(
+            f"config setting {where!r} is wrong: {err['msg']}; fix it in the config file or flag"
+        ) from exc

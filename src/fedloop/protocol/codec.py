@@ -1,0 +1,225 @@
+"""Weights to and from safetensors bytes, and the checks a received model must pass.
+
+The format is the standard safetensors layout (8-byte little-endian header length, a JSON
+header, then raw little-endian tensor data), so any stored or transferred model opens with the
+`safetensors` library or PyTorch. Decoding is zero-copy (`numpy.frombuffer` views over the
+received bytes) and refuses any header whose offsets do not tile the data exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedloop.errors import ProtocolError
+from fedloop.types import Weights
+
+_DTYPES: dict[str, np.dtype[Any]] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+def dtype_name(dtype: np.dtype[Any]) -> str:
+    """Return the safetensors name of a numpy dtype (F32, I64, …)."""
+    key = dtype.newbyteorder("<") if dtype.byteorder not in ("|", "=", "<") else dtype
+    for name, candidate in _DTYPES.items():
+        if candidate == key:
+            return name
+    raise ProtocolError(f"dtype {dtype} cannot travel as safetensors", 422, "bad_dtype")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype and shape of one tensor of the model."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model every agent must send: fixed by the first registered agent."""
+
+    tensors: tuple[TensorSpec, ...]
+
+    @classmethod
+    def of(cls, weights: Mapping[str, np.ndarray]) -> ModelSpec:
+        return cls(
+            tuple(TensorSpec(n, dtype_name(a.dtype), tuple(a.shape)) for n, a in weights.items())
+        )
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [t.to_json() for t in self.tensors]
+
+    @classmethod
+    def from_json(cls, data: list[dict[str, Any]]) -> ModelSpec:
+        return cls(tuple(TensorSpec(d["name"], d["dtype"], tuple(d["shape"])) for d in data))
+
+    def zeros(self) -> Weights:
+        return {t.name: np.zeros(t.shape, dtype=_DTYPES[t.dtype]) for t in self.tensors}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            int(np.prod(t.shape, dtype=np.int64)) * _DTYPES[t.dtype].itemsize for t in self.tensors
+        )
+
+
+def encode(weights: Mapping[str, np.ndarray]) -> bytes:
+    """Return `weights` as safetensors bytes, tensors in the mapping's order."""
+    header: dict[str, Any] = {}
+    arrays: list[np.ndarray] = []
+    offset = 0
+    for name, value in weights.items():
+        array = np.asarray(value)
+        kind = dtype_name(array.dtype)
+        # asarray, not ascontiguousarray: the latter turns 0-d scalars into 1-d arrays
+        array = np.asarray(array, dtype=_DTYPES[kind], order="C")
+        header[name] = {
+            "dtype": kind,
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        offset += array.nbytes
+        arrays.append(array)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
+    parts: list[bytes | memoryview] = [struct.pack("<Q", len(raw)), raw]
+    parts.extend(memoryview(a).cast("B") for a in arrays if a.nbytes)
+    return b"".join(parts)
+
+
+def read_header(data: bytes | memoryview) -> tuple[dict[str, Any], int]:
+    """Return the JSON header of safetensors bytes and where its data section starts."""
+    if len(data) < 8:
+        raise ProtocolError("model body is shorter than a safetensors header", 400, "bad_model")
+    (size,) = struct.unpack("<Q", bytes(data[:8]))
+    if size > MAX_HEADER_BYTES or 8 + size > len(data):
+        raise ProtocolError("safetensors header length exceeds the body", 400, "bad_model")
+    try:
+        header = json.loads(bytes(data[8 : 8 + size]))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"safetensors header is not JSON: {exc}", 400, "bad_model") from exc
+    if not isinstance(header, dict):
+        raise ProtocolError("safetensors header must be a JSON object", 400, "bad_model")
+    return header, 8 + size
+
+
+def decode(data: bytes | memoryview) -> Weights:
+    """Return the tensors in safetensors bytes as read-only arrays viewing `data`.
+
+    Every offset is checked: tensors must tile the data section exactly, each of the size its
+    dtype and shape give. Anything else is a ProtocolError, never an IndexError.
+    """
+    header, start = read_header(data)
+    body = memoryview(data)[start:]
+    entries: list[tuple[int, int, str, np.dtype[Any], tuple[int, ...]]] = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            kind = info["dtype"]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"tensor {name!r} has a malformed header entry", 400, "bad_model") from exc
+        if kind not in _DTYPES:
+            raise ProtocolError(
+                f"tensor {name!r} has dtype {kind!r}, which fedloop does not accept "
+                f"(accepted: {', '.join(_DTYPES)})",
+                422,
+                "bad_dtype",
+            )
+        if any(s < 0 for s in shape):
+            raise ProtocolError(f"tensor {name!r} has a negative dimension", 400, "bad_model")
+        dtype = _DTYPES[kind]
+        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if end - begin != expected or begin < 0:
+            raise ProtocolError(
+                f"tensor {name!r} spans {end - begin} bytes but dtype and shape need {expected}",
+                400,
+                "bad_model",
+            )
+        entries.append((begin, end, name, dtype, shape))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    position = 0
+    for begin, end, name, _, _ in entries:
+        if begin != position:
+            raise ProtocolError(f"tensor {name!r} overlaps or leaves a gap", 400, "bad_model")
+        position = end
+    if position != len(body):
+        raise ProtocolError(
+            f"data section is {len(body)} bytes but the tensors cover {position}", 400, "bad_model"
+        )
+    weights: Weights = {}
+    for begin, end, name, dtype, shape in entries:
+        weights[name] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape)
+    return weights
+
+
+def check_against(weights: Mapping[str, np.ndarray], spec: ModelSpec) -> None:
+    """Raise a ProtocolError naming the first tensor that differs from `spec` or is not finite."""
+    expected = {t.name: t for t in spec.tensors}
+    missing = [n for n in expected if n not in weights]
+    unexpected = [n for n in weights if n not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing[:5]}")
+        if unexpected:
+            parts.append(f"unexpected tensors {unexpected[:5]}")
+        raise ProtocolError(
+            f"model does not match the registered model: {'; '.join(parts)}", 422, "wrong_names"
+        )
+    for name, array in weights.items():
+        want = expected[name]
+        got_dtype = dtype_name(array.dtype)
+        if got_dtype != want.dtype:
+            raise ProtocolError(
+                f"tensor {name!r} has dtype {got_dtype}, the registered model has {want.dtype}",
+                422,
+                "wrong_dtype",
+            )
+        if tuple(array.shape) != want.shape:
+            raise ProtocolError(
+                f"tensor {name!r} has shape {tuple(array.shape)}, "
+                f"the registered model has {want.shape}",
+                422,
+                "wrong_shape",
+            )
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise ProtocolError(
+                f"tensor {name!r} contains NaN or Inf; fix the training that produced it",
+                422,
+                "not_finite",
+            )
+
+
+def decode_checked(data: bytes | memoryview, spec: ModelSpec | None) -> Weights:
+    """Return the decoded model after checking it against `spec` (or only for finiteness)."""
+    weights = decode(data)
+    if not weights:
+        raise ProtocolError("model has no tensors", 422, "empty_model")
+    check_against(weights, spec if spec is not None else ModelSpec.of(weights))
+    return weights

@@ -1,0 +1,158 @@
+"""Every JSON message of the wire protocol, validated by pydantic before it touches state."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedloop.errors import ProtocolError
+from fedloop.protocol.version import PROTOCOL_VERSION, SUPPORTED_VERSIONS
+
+AgentName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.@:-]+$")]
+AgentId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+ConfigValue = float | int | str | bool
+Metrics = dict[Annotated[str, Field(max_length=128)], float]
+
+
+class Message(BaseModel):
+    """Base of all messages: strict fields, no extras, and the protocol version."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    protocol: int = PROTOCOL_VERSION
+
+
+def _finite_metrics(value: dict[str, float]) -> dict[str, float]:
+    if len(value) > 256:
+        raise ValueError("at most 256 metrics per message")
+    for key, number in value.items():
+        if not math.isfinite(number):
+            raise ValueError(f"metric {key!r} is {number}; metrics must be finite numbers")
+    return value
+
+
+class RegisterRequest(Message):
+    """An agent's *participate* message; its body (if any) holds its initial weights."""
+
+    agent_name: AgentName
+
+
+class RegisterResponse(Message):
+    """The aggregator's *welcome*: the agent's id and where the run stands."""
+
+    agent_id: AgentId
+    round: int
+    global_round: int
+    finished: bool = False
+
+
+class UploadRequest(Message):
+    """Metadata of a local model; the body holds its weights."""
+
+    agent_id: AgentId
+    round: int = Field(ge=1)
+    num_samples: int = Field(ge=0, le=2**53)
+    metrics: Metrics = Field(default_factory=dict)
+
+    _check_metrics = field_validator("metrics")(_finite_metrics)
+
+
+class UploadResponse(Message):
+    """The aggregator accepted a local model for `round`."""
+
+    accepted: bool
+    round: int
+    uploads: int
+    needed: int
+
+
+class GlobalModelInfo(Message):
+    """Sent with a global model: its round and the config for the next round of training."""
+
+    round: int
+    config: dict[str, ConfigValue] = Field(default_factory=dict)
+    finished: bool = False
+
+
+class PushMessage(Message):
+    """Announced on an agent's WebSocket when a new global model exists."""
+
+    type: Literal["global_model"] = "global_model"
+    round: int
+    finished: bool = False
+
+
+class ErrorResponse(Message):
+    """Every 4xx/5xx body: a machine code and a sentence for the human."""
+
+    error: str
+    detail: str
+
+
+class MetricsReport(Message):
+    """An agent's evaluation of a global model (the book's global-model performance)."""
+
+    agent_id: AgentId
+    round: int = Field(ge=0)
+    metrics: Metrics
+
+    _check_metrics = field_validator("metrics")(_finite_metrics)
+
+
+class AgentStatus(BaseModel):
+    """One agent as the status endpoint shows it."""
+
+    agent_id: str
+    name: str
+    last_seen: float
+    connected: bool
+
+
+class StatusResponse(Message):
+    """Where the run stands: round, progress toward aggregation, agents."""
+
+    round: int
+    global_round: int
+    registered_agents: int
+    uploads: int
+    needed: int
+    deadline_in: float | None
+    finished: bool
+    strategy: str
+
+
+M = TypeVar("M", bound=Message)
+
+
+def parse_message(model: type[M], raw: str | bytes | None) -> M:
+    """Return `raw` validated as `model`; a ProtocolError names what is wrong.
+
+    The protocol version is checked before anything else, so a client speaking another
+    version learns that and not a confusing field error.
+    """
+    if raw is None or raw == "" or raw == b"":
+        raise ProtocolError(f"missing {model.__name__} message", 400, "missing_message")
+    try:
+        data: Any = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"message is not valid JSON: {exc}", 400, "bad_json") from exc
+    if not isinstance(data, dict):
+        raise ProtocolError("message must be a JSON object", 400, "bad_json")
+    version = data.get("protocol")
+    if version not in SUPPORTED_VERSIONS:
+        raise ProtocolError(
+            f"protocol version {version!r} is not supported; this aggregator speaks "
+            f"{sorted(SUPPORTED_VERSIONS)} — upgrade the agent or the aggregator to match",
+            400,
+            "unsupported_protocol",
+        )
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'message'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ProtocolError(f"invalid {model.__name__}: {problems}", 422, "invalid_message") from exc

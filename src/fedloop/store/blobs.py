@@ -1,0 +1,57 @@
+"""Bytes stored by their sha256, written atomically so a crash never leaves half a blob."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def blob_id(data: bytes | memoryview) -> str:
+    """Return the content address (sha256 hex) of `data`."""
+    return hashlib.sha256(data).hexdigest()
+
+
+class BlobStore:
+    """A directory of immutable blobs, `ab/cd/<sha256>.safetensors`."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+            raise KeyError(f"not a blob id: {key!r}")
+        return self.root / key[:2] / key[2:4] / f"{key}.safetensors"
+
+    def put(self, data: bytes | memoryview, key: str | None = None) -> str:
+        """Store `data` durably and return its id; storing the same bytes twice is a no-op."""
+        key = key or blob_id(data)
+        target = self.path(key)
+        if target.exists():
+            return key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return key
+
+    def get(self, key: str) -> bytes:
+        return self.path(key).read_bytes()
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def keys(self) -> set[str]:
+        return {p.stem for p in self.root.glob("*/*/*.safetensors")}
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)

@@ -1,0 +1,265 @@
+"""Agents, rounds, local and global models, in SQLite (default) or PostgreSQL via SQLAlchemy.
+
+Every write is one transaction; a model's blob is written before the row that names it commits,
+so a crash at any point leaves either no row or a row whose blob exists.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class AgentRow(Base):
+    __tablename__ = "agents"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    registered_at: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float)
+
+
+class RoundRow(Base):
+    __tablename__ = "rounds"
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    started_at: Mapped[float] = mapped_column(Float)
+    closed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class LocalModelRow(Base):
+    __tablename__ = "local_models"
+    __table_args__ = (UniqueConstraint("agent_id", "round"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    agent_id: Mapped[str] = mapped_column(ForeignKey("agents.id"))
+    round: Mapped[int] = mapped_column(Integer, index=True)
+    base_round: Mapped[int] = mapped_column(Integer)
+    model_id: Mapped[str] = mapped_column(String(64))
+    num_samples: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, float]] = mapped_column(JSON)
+    nbytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class GlobalModelRow(Base):
+    __tablename__ = "global_models"
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[str] = mapped_column(String(64))
+    contributors: Mapped[list[str]] = mapped_column(JSON)
+    total_samples: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, float]] = mapped_column(JSON)
+    seconds: Mapped[float] = mapped_column(Float)
+    state_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class EvaluationRow(Base):
+    """An agent's metrics for a global model on its own data (the book's global accuracy)."""
+
+    __tablename__ = "evaluations"
+    __table_args__ = (UniqueConstraint("agent_id", "round"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    agent_id: Mapped[str] = mapped_column(ForeignKey("agents.id"))
+    round: Mapped[int] = mapped_column(Integer, index=True)
+    metrics: Mapped[dict[str, float]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class MetaRow(Base):
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[Any] = mapped_column(JSON)
+
+
+class DuplicateUpload(Exception):
+    """This agent already has a local model for this round."""
+
+
+def database_url(data_dir: str | Path, url: str | None) -> str:
+    """Return `url`, or the embedded SQLite file inside `data_dir` when none is given."""
+    if url:
+        return url
+    return f"sqlite:///{Path(data_dir).resolve() / 'fedloop.db'}"
+
+
+def _sqlite_pragmas(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        # WAL: a crash mid-write rolls back to the last commit; readers never block the writer.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.close()
+
+
+class Store:
+    """The database half of the store; every method is one short transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        if url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+        self.engine = create_engine(url, future=True)
+        if self.engine.dialect.name == "sqlite":
+            _sqlite_pragmas(self.engine)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        with self._sessions() as session, session.begin():
+            yield session
+
+    # --- meta ---------------------------------------------------------------------------
+    def get_meta(self, key: str) -> Any:
+        with self._sessions() as session:
+            row = session.get(MetaRow, key)
+            return None if row is None else row.value
+
+    def set_meta(self, key: str, value: Any) -> None:
+        with self._tx() as session:
+            session.merge(MetaRow(key=key, value=value))
+
+    # --- agents -------------------------------------------------------------------------
+    def agent_by_name(self, name: str) -> AgentRow | None:
+        with self._sessions() as session:
+            return session.scalars(select(AgentRow).where(AgentRow.name == name)).first()
+
+    def agent(self, agent_id: str) -> AgentRow | None:
+        with self._sessions() as session:
+            return session.get(AgentRow, agent_id)
+
+    def add_agent(self, agent_id: str, name: str, now: float | None = None) -> AgentRow:
+        now = time.time() if now is None else now
+        row = AgentRow(id=agent_id, name=name, registered_at=now, last_seen=now)
+        with self._tx() as session:
+            session.add(row)
+        return row
+
+    def agents(self) -> list[AgentRow]:
+        with self._sessions() as session:
+            return list(session.scalars(select(AgentRow).order_by(AgentRow.registered_at)))
+
+    def touch_agents(self, last_seen: dict[str, float]) -> None:
+        with self._tx() as session:
+            for agent_id, seen in last_seen.items():
+                row = session.get(AgentRow, agent_id)
+                if row is not None:
+                    row.last_seen = seen
+
+    # --- rounds -------------------------------------------------------------------------
+    def open_round(self) -> RoundRow | None:
+        with self._sessions() as session:
+            return session.scalars(
+                select(RoundRow).where(RoundRow.closed_at.is_(None)).order_by(RoundRow.number.desc())
+            ).first()
+
+    def start_round(self, number: int, now: float | None = None) -> RoundRow:
+        row = RoundRow(number=number, started_at=time.time() if now is None else now)
+        with self._tx() as session:
+            session.add(row)
+        return row
+
+    def round(self, number: int) -> RoundRow | None:
+        with self._sessions() as session:
+            return session.get(RoundRow, number)
+
+    # --- local models -------------------------------------------------------------------
+    def add_local_model(self, row: LocalModelRow) -> None:
+        try:
+            with self._tx() as session:
+                session.add(row)
+        except IntegrityError as exc:
+            raise DuplicateUpload(f"{row.agent_id} already uploaded for round {row.round}") from exc
+
+    def local_models(self, round_number: int | None = None) -> list[LocalModelRow]:
+        query = select(LocalModelRow).order_by(LocalModelRow.round, LocalModelRow.id)
+        if round_number is not None:
+            query = query.where(LocalModelRow.round == round_number)
+        with self._sessions() as session:
+            return list(session.scalars(query))
+
+    # --- global models ------------------------------------------------------------------
+    def commit_global(self, row: GlobalModelRow, next_round: int | None, now: float) -> None:
+        """Store a global model, close its round and open the next, in one transaction."""
+        with self._tx() as session:
+            session.add(row)
+            closing = session.get(RoundRow, row.round)
+            if closing is not None:
+                closing.closed_at = now
+            if next_round is not None:
+                session.add(RoundRow(number=next_round, started_at=now))
+
+    def global_model(self, round_number: int) -> GlobalModelRow | None:
+        with self._sessions() as session:
+            return session.get(GlobalModelRow, round_number)
+
+    def latest_global(self) -> GlobalModelRow | None:
+        with self._sessions() as session:
+            return session.scalars(
+                select(GlobalModelRow).order_by(GlobalModelRow.round.desc())
+            ).first()
+
+    def global_models(self) -> list[GlobalModelRow]:
+        with self._sessions() as session:
+            return list(session.scalars(select(GlobalModelRow).order_by(GlobalModelRow.round)))
+
+    def set_global_metrics(self, round_number: int, metrics: dict[str, float]) -> None:
+        with self._tx() as session:
+            row = session.get(GlobalModelRow, round_number)
+            if row is not None:
+                row.metrics = {**row.metrics, **metrics}
+
+    # --- evaluations --------------------------------------------------------------------
+    def add_evaluation(self, agent_id: str, round_number: int, metrics: dict[str, float]) -> None:
+        try:
+            with self._tx() as session:
+                session.add(
+                    EvaluationRow(
+                        agent_id=agent_id, round=round_number, metrics=metrics, created_at=time.time()
+                    )
+                )
+        except IntegrityError as exc:
+            raise DuplicateUpload(f"{agent_id} already reported round {round_number}") from exc
+
+    def evaluations(self) -> list[EvaluationRow]:
+        with self._sessions() as session:
+            return list(session.scalars(select(EvaluationRow).order_by(EvaluationRow.round)))
+
+    def referenced_blobs(self) -> set[str]:
+        """Every blob id a row names (for orphan and missing-blob checks)."""
+        with self._sessions() as session:
+            ids = set(session.scalars(select(LocalModelRow.model_id)))
+            ids |= set(session.scalars(select(GlobalModelRow.model_id)))
+            ids |= {s for s in session.scalars(select(GlobalModelRow.state_id)) if s}
+            return ids
+
+    def count_local_models(self) -> int:
+        with self._sessions() as session:
+            return int(session.scalar(select(func.count()).select_from(LocalModelRow)) or 0)

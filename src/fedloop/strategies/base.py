@@ -1,0 +1,408 @@
+"""The strategy interface (Update, Strategy) and the array helpers every family shares.
+
+Conventions every strategy follows:
+
+- Arithmetic is float64; each output tensor is cast back to the global tensor's dtype, and the
+  output has the global model's keys in the global model's order.
+- Only floating-point tensors go through a method's rule. Non-floating tensors (integer counters
+  such as BatchNorm's ``num_batches_tracked``, boolean masks) are bookkeeping, not parameters:
+  the non-robust methods take their ``num_samples``-weighted mean, the robust methods
+  (median, trimmed mean, Krum, Multi-Krum, Bulyan, geometric median) their coordinate-wise
+  median, so that one agent cannot move them. Either way the value is rounded to the nearest
+  integer (booleans: majority). Distances (Krum, Bulyan, geometric median) use the floating-point
+  tensors only.
+- Updates are put in a canonical order, by ``(agent_id, base_round, num_samples)``, before any
+  arithmetic, so that permuting the updates gives bit-identical results and ties are broken by
+  ``agent_id``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedloop.errors import ConfigError
+from fedloop.types import Weights
+
+Array = NDArray[np.float64]
+"""A float64 array: what every strategy computes in."""
+
+RoundConfig = dict[str, float | int | str | bool]
+
+
+@dataclass(frozen=True, eq=False)
+class Update:
+    """One agent's upload: its full local weights (not a delta) and what came with them.
+
+    ``extras`` holds side tensors a method needs (SCAFFOLD's control-variate deltas, FedCurv's
+    Fisher diagonals, ...), named with the method's prefix. Equality is identity, since numpy
+    arrays have no single truth value.
+    """
+
+    weights: Weights
+    num_samples: int
+    agent_id: str
+    base_round: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    extras: Weights = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 0:
+            raise ValueError(
+                f"update from agent {self.agent_id!r} has num_samples={self.num_samples}; "
+                "it must be 0 or more"
+            )
+
+
+class Strategy(ABC):
+    """An aggregation method: global weights and local updates in, new global weights out."""
+
+    name: ClassVar[str] = ""
+    # True when the result needs only the num_samples-weighted mean of the updates (and their
+    # total num_samples): the aggregator may fold uploads into a RunningMean as they arrive and
+    # call aggregate with its single summary update.
+    streaming: ClassVar[bool] = False
+    # True for methods that aggregate whenever buffer_size uploads are in, without rounds.
+    asynchronous: ClassVar[bool] = False
+    buffer_size: int = 1
+
+    @abstractmethod
+    def aggregate(
+        self,
+        global_weights: Weights,
+        updates: Sequence[Update],
+        server_round: int | None = None,
+    ) -> Weights:
+        """Return the new global weights, same keys, order, shapes and dtypes as the old."""
+
+    def round_config(self, server_round: int) -> RoundConfig:
+        """Return the settings agents need with this round's global model (none by default)."""
+        return {}
+
+    def state(self) -> Weights:
+        """Return the server state to persist with each round (arrays, counters as 0-d arrays)."""
+        return {}
+
+    def load_state(self, state: Weights) -> None:
+        """Restore the server state that state() returned, as when the aggregator restarts."""
+        if state:
+            raise ValueError(
+                f"strategy {self.name!r} keeps no state but was given {sorted(state)[:5]}"
+            )
+
+
+# --- checking and ordering ------------------------------------------------------------------
+
+_SUPPORTED_KINDS = "fiub"
+
+
+def canonical(updates: Iterable[Update]) -> list[Update]:
+    """Return the updates sorted by (agent_id, base_round, num_samples)."""
+    return sorted(updates, key=lambda u: (u.agent_id, u.base_round, u.num_samples))
+
+
+def check_updates(global_weights: Weights, updates: Sequence[Update]) -> list[Update]:
+    """Return the updates in canonical order after checking names and shapes against the global.
+
+    Raises ValueError when there are no updates or an update does not fit the global model.
+    """
+    if len(updates) == 0:
+        raise ValueError("aggregate needs at least one update, got none")
+    for key, tensor in global_weights.items():
+        if tensor.dtype.kind not in _SUPPORTED_KINDS:
+            raise ValueError(
+                f"global tensor {key!r} has dtype {tensor.dtype}; strategies support "
+                "floating-point, integer and boolean tensors only"
+            )
+    names = set(global_weights)
+    for update in updates:
+        if set(update.weights) != names:
+            missing = sorted(names - set(update.weights))
+            extra = sorted(set(update.weights) - names)
+            raise ValueError(
+                f"update from agent {update.agent_id!r} does not match the global model: "
+                f"missing {missing}, unexpected {extra}"
+            )
+        for key, tensor in global_weights.items():
+            shape = np.shape(update.weights[key])
+            if shape != tensor.shape:
+                raise ValueError(
+                    f"update from agent {update.agent_id!r}: tensor {key!r} has shape {shape}, "
+                    f"the global model's has {tensor.shape}"
+                )
+    return canonical(updates)
+
+
+def float_keys(weights: Weights) -> list[str]:
+    """Return the names of the floating-point tensors, in model order."""
+    return [key for key, tensor in weights.items() if tensor.dtype.kind == "f"]
+
+
+def sample_fractions(updates: Sequence[Update]) -> Array:
+    """Return p_i = n_i / sum(n), the num_samples weights of the updates."""
+    counts = np.array([u.num_samples for u in updates], dtype=np.float64)
+    total = float(counts.sum())
+    if total <= 0:
+        raise ValueError("every update has num_samples=0, so there is nothing to weight them by")
+    return counts / total
+
+
+# --- arrays ----------------------------------------------------------------------------------
+
+
+def as_f64(array: Any) -> Array:
+    """Return the array as float64 (a copy only when the dtype differs)."""
+    return np.asarray(array, dtype=np.float64)
+
+
+def stack(updates: Sequence[Update], key: str) -> Array:
+    """Return one tensor of every update stacked along a new first axis, in float64."""
+    return np.stack([as_f64(u.weights[key]) for u in updates])
+
+
+def stack_extras(updates: Sequence[Update], key: str, shape: tuple[int, ...]) -> Array:
+    """Return one side tensor of every update stacked, with a clear error if one is missing."""
+    rows = []
+    for update in updates:
+        if key not in update.extras:
+            raise ValueError(
+                f"update from agent {update.agent_id!r} lacks the extra tensor {key!r}"
+            )
+        row = as_f64(update.extras[key])
+        if row.shape != shape:
+            raise ValueError(
+                f"update from agent {update.agent_id!r}: extra tensor {key!r} has shape "
+                f"{row.shape}, expected {shape}"
+            )
+        rows.append(row)
+    return np.stack(rows)
+
+
+def weighted_sum(stacked: Array, coefficients: Array) -> Array:
+    """Return sum_i c_i * stacked[i] over the first axis."""
+    return np.asarray(np.tensordot(coefficients, stacked, axes=1), dtype=np.float64)
+
+
+def flatten(weights: Mapping[str, Any], keys: Sequence[str]) -> Array:
+    """Return the named tensors raveled and concatenated into one float64 vector."""
+    if not keys:
+        return np.zeros(0, dtype=np.float64)
+    return np.concatenate([as_f64(weights[key]).ravel() for key in keys])
+
+
+def flatten_updates(updates: Sequence[Update], keys: Sequence[str]) -> Array:
+    """Return an (n, d) matrix whose row i is update i's flattened floating-point model."""
+    return np.stack([flatten(u.weights, keys) for u in updates])
+
+
+def unflatten(vector: Array, like: Weights, keys: Sequence[str]) -> dict[str, Array]:
+    """Return the vector cut back into float64 tensors shaped like like[key] for each key."""
+    out: dict[str, Array] = {}
+    offset = 0
+    for key in keys:
+        shape = like[key].shape
+        size = math.prod(shape)
+        out[key] = vector[offset : offset + size].reshape(shape)
+        offset += size
+    if offset != vector.size:
+        raise ValueError(f"vector has {vector.size} values, the tensors {offset}")
+    return out
+
+
+def cast_like(value: Array, like: np.ndarray) -> np.ndarray:
+    """Return value in like's dtype: floats cast, integers rounded to nearest, booleans majority."""
+    if like.dtype.kind == "f":
+        return np.asarray(value, dtype=like.dtype)
+    return np.asarray(np.rint(value), dtype=like.dtype)
+
+
+def assemble(
+    global_weights: Weights,
+    computed: Mapping[str, Array],
+    updates: Sequence[Update],
+    counters: Literal["mean", "median"],
+) -> Weights:
+    """Return the new global weights from the method's float64 results for floating tensors.
+
+    Tensors absent from ``computed`` (the non-floating ones) get the num_samples-weighted mean
+    (``counters="mean"``) or the coordinate-wise median (``"median"``) of the updates, rounded.
+    """
+    out: Weights = {}
+    fractions: Array | None = None
+    for key, tensor in global_weights.items():
+        if key in computed:
+            out[key] = cast_like(computed[key], tensor)
+            continue
+        stacked = stack(updates, key)
+        if counters == "median":
+            value = np.asarray(np.median(stacked, axis=0), dtype=np.float64)
+        else:
+            if fractions is None:
+                fractions = sample_fractions(updates)
+            value = weighted_sum(stacked, fractions)
+        out[key] = cast_like(value, tensor)
+    return out
+
+
+class RunningMean:
+    """A num_samples-weighted running mean of uploads, for strategies with ``streaming``.
+
+    Fold each upload in with add() as it arrives, then pass ``[running.as_update()]`` to the
+    strategy's aggregate: for a streaming strategy the result equals aggregating all uploads at
+    once (up to floating-point summation order), without holding them all in memory.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, Array] = {}
+        self._samples = 0
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        """How many uploads were folded in."""
+        return self._count
+
+    @property
+    def num_samples(self) -> int:
+        """Total num_samples of the uploads folded in."""
+        return self._samples
+
+    def add(self, update: Update) -> None:
+        """Fold one upload in."""
+        if self._count and set(update.weights) != set(self._sums):
+            raise ValueError(f"update from agent {update.agent_id!r} has other tensor names")
+        for key, tensor in update.weights.items():
+            term = as_f64(tensor) * float(update.num_samples)
+            if self._count:
+                self._sums[key] += term
+            else:
+                self._sums[key] = term.copy()
+        self._samples += update.num_samples
+        self._count += 1
+
+    def as_update(self, base_round: int = 0, agent_id: str = "running-mean") -> Update:
+        """Return the weighted mean so far as one update carrying the total num_samples."""
+        if self._count == 0:
+            raise ValueError("no update was folded in")
+        if self._samples <= 0:
+            raise ValueError("every folded update has num_samples=0")
+        return Update(
+            weights={key: s / self._samples for key, s in self._sums.items()},
+            num_samples=self._samples,
+            agent_id=agent_id,
+            base_round=base_round,
+        )
+
+
+# --- state -----------------------------------------------------------------------------------
+
+
+def check_state_tensors(
+    state: Mapping[str, Array], global_weights: Weights, keys: Sequence[str], what: str
+) -> None:
+    """Raise ValueError unless the state holds exactly the given tensors with the global shapes."""
+    if set(state) != set(keys):
+        raise ValueError(
+            f"{what} covers tensors {sorted(state)[:5]}..., the global model's floating tensors "
+            f"are {list(keys)[:5]}...; the saved state belongs to another model"
+        )
+    for key in keys:
+        if state[key].shape != global_weights[key].shape:
+            raise ValueError(
+                f"{what} for {key!r} has shape {state[key].shape}, "
+                f"the global model's tensor {global_weights[key].shape}"
+            )
+
+
+def split_state(state: Weights, prefixes: Sequence[str], strategy: str) -> list[dict[str, Array]]:
+    """Return, per prefix, the state tensors under it with the prefix removed, as float64 copies."""
+    parts: list[dict[str, Array]] = [{} for _ in prefixes]
+    for key, value in state.items():
+        for part, prefix in zip(parts, prefixes, strict=True):
+            if key.startswith(prefix):
+                part[key[len(prefix) :]] = np.array(value, dtype=np.float64)
+                break
+        else:
+            raise ValueError(
+                f"state key {key!r} is not {strategy!r} state (expected prefixes {list(prefixes)})"
+            )
+    return parts
+
+
+# --- parameters ------------------------------------------------------------------------------
+
+
+def param_float(
+    strategy: str,
+    name: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Return the parameter as a float, or raise ConfigError saying which range it must be in."""
+    number: float
+    if isinstance(value, bool):
+        number = math.nan
+    elif isinstance(value, int | float | np.integer | np.floating):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+    else:
+        number = math.nan
+    ok = math.isfinite(number)
+    if ok and low is not None:
+        ok = number > low if low_open else number >= low
+    if ok and high is not None:
+        ok = number < high if high_open else number <= high
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        bounds = " and ".join(b for b in (lo, hi) if b) or "finite"
+        raise ConfigError(
+            f"strategy {strategy!r}: parameter {name} must be a number {bounds}, got {value!r}; "
+            "fix it in the strategy parameters"
+        )
+    return number
+
+
+def param_int(strategy: str, name: str, value: object, *, low: int | None = None) -> int:
+    """Return the parameter as an int, or raise ConfigError saying what it must be."""
+    number: int | None = None
+    if isinstance(value, bool):
+        number = None
+    elif isinstance(value, int | np.integer) or (isinstance(value, float) and value.is_integer()):
+        number = int(value)
+    elif isinstance(value, str):
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+    if number is None or (low is not None and number < low):
+        bound = "" if low is None else f" >= {low}"
+        raise ConfigError(
+            f"strategy {strategy!r}: parameter {name} must be an integer{bound}, got {value!r}; "
+            "fix it in the strategy parameters"
+        )
+    return number
+
+
+def param_choice(strategy: str, name: str, value: object, choices: Sequence[str]) -> str:
+    """Return the parameter if it is one of the choices, else raise ConfigError listing them."""
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(
+            f"strategy {strategy!r}: parameter {name} must be one of {', '.join(choices)}; "
+            f"got {value!r}"
+        )
+    return value

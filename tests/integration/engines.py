@@ -1,0 +1,38 @@
+"""Numpy ML engines that agent processes in the integration tests load as `engines:…`."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+Weights = dict[str, np.ndarray]
+
+
+def initial() -> Weights:
+    return {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
+
+
+class ShiftEngine:
+    """Adds a per-agent offset to every weight: FedAvg of the results is checkable by hand."""
+
+    def __init__(self, offset: float = 1.0, samples: int = 10, delay: float = 0.0) -> None:
+        self.offset, self.samples, self.delay = float(offset), int(samples), float(delay)
+
+    def initial_weights(self) -> Weights:
+        return initial()
+
+    def train(self, weights: Weights, config: dict[str, Any]) -> tuple[Weights, int, dict[str, float]]:
+        marker = os.environ.get("FEDLOOP_TEST_TRAINING_MARKER")
+        if marker:
+            with open(marker, "a") as handle:
+                handle.write(f"{config.get('round')}\n")
+        if self.delay:
+            time.sleep(self.delay)
+        new = {k: (v + self.offset).astype(v.dtype) for k, v in weights.items()}
+        return new, self.samples, {"loss": 1.0 / (1 + config.get("round", 0)), "accuracy": 0.5}
+
+    def evaluate(self, weights: Weights, config: dict[str, Any]) -> dict[str, float]:
+        return {"mean": float(np.mean(weights["w"]))}
