@@ -9,7 +9,12 @@ Cases
   download     server streams a stored body in 1 MiB slices; the client reads all of it.
   download_whole  same, but the server hands the whole body to the framework in one call
                (Starlette ``Response(bytes)`` / aiohttp ``Response(body=bytes)``).
-  small        ``--clients`` concurrent clients, each one POST of 64 KiB and one GET of 64 KiB.
+  small        ``--clients`` concurrent clients, each one POST of 64 KiB and one GET of 64 KiB;
+               every client has its own client object and connection, as separate agent
+               processes would (the objects are made before the clock starts).
+  small_shared ``--shared-clients`` (default 100) concurrent POST+GET pairs through ONE client
+               object (httpx pool / aiohttp session / one gRPC channel): what an in-process
+               simulation of many agents would do.
   ws_broadcast ``--clients`` WebSockets held open; one small JSON message broadcast to all;
                time from the trigger until the last client has it.
 
@@ -61,7 +66,7 @@ TRANSPORTS: dict[str, list[str]] = {
     "aiohttp": ["aiohttp"],
     "grpc": ["grpc"],
 }
-CASES = ["upload", "download", "download_whole", "small", "ws_broadcast"]
+CASES = ["upload", "download", "download_whole", "small", "small_shared", "ws_broadcast"]
 
 
 def _missing(mods: list[str]) -> list[str]:
@@ -69,14 +74,18 @@ def _missing(mods: list[str]) -> list[str]:
 
 
 def _rss_mb() -> dict[str, float]:
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    cur = 0.0
+    """Current and peak RSS of this process. VmHWM, not ru_maxrss: on Linux ru_maxrss survives
+    execve, so a server started from a client that holds a 100 MB body would inherit its peak."""
+    vals = {"VmRSS": 0.0, "VmHWM": 0.0}
     try:
-        with open("/proc/self/statm") as f:
-            cur = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        pass
-    return {"peak_rss_mb": round(peak_kb / 1024, 1), "rss_mb": round(cur, 1)}
+        with open("/proc/self/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in vals:
+                    vals[k] = int(v.split()[0]) / 1024  # kB
+    except OSError:  # not Linux: fall back to ru_maxrss (KiB on Linux, bytes on macOS)
+        vals["VmHWM"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"peak_rss_mb": round(vals["VmHWM"], 1), "rss_mb": round(vals["VmRSS"], 1)}
 
 
 def _make_blob(n: int) -> bytes:
@@ -171,8 +180,9 @@ def serve_starlette(port: int, size: int, http: str, loop: str) -> None:
         WebSocketRoute("/ws", ws_endpoint),
     ])
     print("READY", flush=True)
-    uvicorn.run(app, host="127.0.0.1", port=port, http=http, loop=loop, ws="websockets",
-                log_level="warning", access_log=False, backlog=2048, lifespan="off")
+    uvicorn.run(app, host="127.0.0.1", port=port, http=http, loop=loop,
+                log_level="warning", access_log=False, backlog=2048, lifespan="off",
+                ws="auto")
 
 
 def serve_aiohttp(port: int, size: int) -> None:
@@ -285,6 +295,7 @@ def serve_grpc(port: int, size: int) -> None:
     async def subscribe(req, ctx):
         q: asyncio.Queue = asyncio.Queue()
         queues.add(q)
+        await ctx.send_initial_metadata(())  # lets the client's wait_for_connection() return
         try:
             while True:
                 yield await q.get()
@@ -365,10 +376,26 @@ class HttpxClient:
                 n += len(chunk)
         return n
 
-    async def small_pair(self, body: bytes) -> None:
-        r = await self.c.post("/small", content=body)
+    async def agent(self):
+        """A client of its own, as a separate agent process would have (one connection)."""
+        import ssl
+
+        import httpx
+
+        if not hasattr(self, "_ssl"):
+            self._ssl = ssl.create_default_context()  # share it: building one costs ~ms
+        return httpx.AsyncClient(base_url=self.base, timeout=120.0, verify=self._ssl,
+                                 limits=httpx.Limits(max_connections=1))
+
+    @staticmethod
+    async def close_agent(agent) -> None:
+        await agent.aclose()
+
+    async def small_pair(self, body: bytes, agent=None) -> None:
+        c = agent or self.c
+        r = await c.post("/small", content=body)
         r.raise_for_status()
-        r = await self.c.get("/small")
+        r = await c.get("/small")
         r.raise_for_status()
         assert len(r.content) == SMALL
 
@@ -417,11 +444,21 @@ class AiohttpClient:
                 n += len(chunk)
         return n
 
-    async def small_pair(self, body: bytes) -> None:
-        async with self.s.post("/small", data=body) as r:
+    async def agent(self):
+        import aiohttp
+
+        return aiohttp.ClientSession(self.base, timeout=aiohttp.ClientTimeout(total=120))
+
+    @staticmethod
+    async def close_agent(agent) -> None:
+        await agent.close()
+
+    async def small_pair(self, body: bytes, agent=None) -> None:
+        s = agent or self.s
+        async with s.post("/small", data=body) as r:
             r.raise_for_status()
             await r.read()
-        async with self.s.get("/small") as r:
+        async with s.get("/small") as r:
             r.raise_for_status()
             assert len(await r.read()) == SMALL
 
@@ -483,14 +520,18 @@ class GrpcClient:
             n += len(chunk)
         return n
 
-    async def small_pair(self, body: bytes) -> None:
-        ch = self._channel()
-        try:
-            await self._m(ch, "unary_unary", "SmallPost")(body)
-            r = await self._m(ch, "unary_unary", "SmallGet")(b"")
-            assert len(r) == SMALL
-        finally:
-            await ch.close()
+    async def agent(self):
+        return self._channel()  # one channel (one TCP connection) per agent
+
+    @staticmethod
+    async def close_agent(agent) -> None:
+        await agent.close()
+
+    async def small_pair(self, body: bytes, agent=None) -> None:
+        ch = agent or self.ch  # the shared channel multiplexes everything on one HTTP/2 conn
+        await self._m(ch, "unary_unary", "SmallPost")(body)
+        r = await self._m(ch, "unary_unary", "SmallGet")(b"")
+        assert len(r) == SMALL
 
     async def stats(self) -> dict:
         return json.loads(await self._m(self.ch, "unary_unary", "Stats")(b""))
@@ -549,18 +590,22 @@ async def run_case(name: str, case: str, base: str, args: argparse.Namespace) ->
                 times.append(time.perf_counter() - t)
                 assert got == size, (got, size)
             out = _throughput(size, times)
-        elif case == "small":
+        elif case in ("small", "small_shared"):
             body = _make_blob(SMALL)
+            n = args.clients if case == "small" else args.shared_clients
+            agents = [await cl.agent() for _ in range(n)] if case == "small" else [None] * n
             t = time.perf_counter()
-            res = await asyncio.gather(*(cl.small_pair(body) for _ in range(args.clients)),
+            res = await asyncio.gather(*(cl.small_pair(body, a) for a in agents),
                                        return_exceptions=True)
             dt = time.perf_counter() - t
             errs = [r for r in res if isinstance(r, BaseException)]
-            out = {"clients": args.clients, "requests": 2 * args.clients,
-                   "seconds": round(dt, 3), "requests_per_s": round(2 * args.clients / dt, 1),
-                   "errors": len(errs)}
+            out = {"clients": n, "requests": 2 * n, "seconds": round(dt, 3),
+                   "requests_per_s": round(2 * n / dt, 1), "errors": len(errs)}
             if errs:
                 out["first_error"] = repr(errs[0])[:200]
+            if case == "small":
+                await asyncio.gather(*(cl.close_agent(a) for a in agents),
+                                     return_exceptions=True)
         elif case == "ws_broadcast":
             t = time.perf_counter()
             socks = []
@@ -648,6 +693,8 @@ def main() -> None:
     ap.add_argument("--size-mb", type=float, default=None)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--clients", type=int, default=None)
+    ap.add_argument("--shared-clients", type=int, default=100)
+    ap.add_argument("--case-timeout", type=float, default=240.0)
     ap.add_argument("--transports", default=",".join(TRANSPORTS))
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--uvloop-client", action="store_true",
@@ -670,6 +717,7 @@ def main() -> None:
         "date": _dt.date.today().isoformat(), "python": platform.python_version(),
         "cpus": os.cpu_count(), "machine": platform.machine(),
         "size_mb": args.size_mb, "reps": args.reps, "clients": args.clients,
+        "shared_clients": args.shared_clients,
         "versions": _versions()}}), flush=True)
 
     for name in args.transports.split(","):
@@ -688,7 +736,8 @@ def main() -> None:
 
                     loop_factory = uvloop.new_event_loop
                 with asyncio.Runner(loop_factory=loop_factory) as r:
-                    res = r.run(run_case(name, case, base, args))
+                    res = r.run(asyncio.wait_for(run_case(name, case, base, args),
+                                                 args.case_timeout))
             except Exception as e:  # report and go on with the next case
                 res = {"error": repr(e)[:300]}
             finally:

@@ -13,12 +13,15 @@ def import_object(spec: str) -> Any:
     """Return the attribute `spec` names (`package.module:attr`), or raise a ConfigError."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ConfigError(f"{spec!r} is not of the form 'module:object'; write e.g. 'mypkg.train:engine'")
+        raise ConfigError(
+            f"{spec!r} is not of the form 'module:object'; write e.g. 'mypkg.train:engine'"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(
-            f"cannot import module {module_name!r} ({exc}); check the name and that it is on PYTHONPATH"
+            f"cannot import module {module_name!r} ({exc}); "
+            "check the name and that it is on PYTHONPATH"
         ) from exc
     target: Any = module
     for part in attr.split("."):
@@ -31,7 +34,9 @@ def import_object(spec: str) -> Any:
 def load_engine(spec: str, **kwargs: Any) -> Any:
     """Return an ML engine: the object `spec` names, called first if it is a class or factory."""
     target = import_object(spec)
-    if inspect.isclass(target) or (callable(target) and not hasattr(target, "train") and not hasattr(target, "evaluate")):
+    if inspect.isclass(target) or (
+        callable(target) and not hasattr(target, "train") and not hasattr(target, "evaluate")
+    ):
         target = target(**kwargs)
     if not hasattr(target, "train") and not hasattr(target, "evaluate"):
         raise ConfigError(f"{spec!r} is not an ML engine: it has neither train() nor evaluate()")

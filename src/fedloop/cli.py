@@ -41,7 +41,9 @@ def aggregator(
     config: Annotated[Path | None, typer.Option(help="TOML config file.")] = None,
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Directory for the database and blobs.")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Directory for the database and blobs.")
+    ] = None,
     database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL (PostgreSQL).")] = None,
     log_format: Annotated[str, typer.Option(help="text or json.")] = "text",
 ) -> None:
@@ -68,7 +70,9 @@ def agent(
     name: Annotated[str | None, typer.Option(help="Agent name (stable across restarts).")] = None,
     workdir: Annotated[Path | None, typer.Option(help="Directory for the agent's state.")] = None,
     mode: Annotated[str, typer.Option(help="push or poll.")] = "push",
-    rounds: Annotated[int | None, typer.Option(help="Stop after training this many rounds.")] = None,
+    rounds: Annotated[
+        int | None, typer.Option(help="Stop after training this many rounds.")
+    ] = None,
     set_: Annotated[
         list[str], typer.Option("--set", help="key=value passed to the engine factory.")
     ] = [],  # noqa: B006 - typer reads the default, never mutates it
@@ -107,7 +111,9 @@ def agent(
 
 @app.command()
 def demo(
-    directory: Annotated[Path | None, typer.Option("--dir", help="Where the run's files go.")] = None,
+    directory: Annotated[
+        Path | None, typer.Option("--dir", help="Where the run's files go.")
+    ] = None,
     rounds: Annotated[int, typer.Option(help="Rounds to run.")] = 5,
     agents: Annotated[int, typer.Option(help="Agent processes.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary last.")] = False,
@@ -137,7 +143,8 @@ def history(
 
     from fedloop.config import load_config
     from fedloop.history import history_rows
-    from fedloop.store.db import Store, database_url as make_url
+    from fedloop.store.db import Store
+    from fedloop.store.db import database_url as make_url
 
     try:
         cfg = load_config(config, data_dir=data_dir, database_url=database_url)
@@ -157,18 +164,30 @@ def history(
     keys = sorted({k for r in rows for k in r["global_metrics"]})
     local_keys = sorted({k for r in rows for k in r["local_metrics_mean"]})
     table = Table(title="fedloop history")
-    for column in ["round", "agents", "samples", *keys, *(f"local {k}" for k in local_keys), "seconds"]:
+    for column in [
+        "round",
+        "agents",
+        "samples",
+        *keys,
+        *(f"local {k}" for k in local_keys),
+        "seconds",
+    ]:
         table.add_column(column, justify="right")
     for r in rows:
         table.add_row(
             str(r["round"]),
             str(r["agents"]),
             str(r["samples"]),
-            *(f"{r['global_metrics'][k]:.4f}" if k in r["global_metrics"] else "" for k in keys),
-            *(f"{r['local_metrics_mean'][k]:.4f}" if k in r["local_metrics_mean"] else "" for k in local_keys),
+            *(f"{r['global_metrics'][k]:.4g}" if k in r["global_metrics"] else "" for k in keys),
+            *(
+                f"{r['local_metrics_mean'][k]:.4g}" if k in r["local_metrics_mean"] else ""
+                for k in local_keys
+            ),
             f"{r['seconds']:.3f}",
         )
-    Console().print(table)
+    # Piped output has no terminal width; a wide console keeps the columns unabridged.
+    console = Console() if sys.stdout.isatty() else Console(width=240)
+    console.print(table)
 
 
 @app.command()
@@ -177,7 +196,9 @@ def version() -> None:
     from fedloop import __version__
     from fedloop.protocol.version import PROTOCOL_VERSION
 
-    typer.echo(f"fedloop {__version__} (protocol {PROTOCOL_VERSION}, Python {sys.version.split()[0]})")
+    typer.echo(
+        f"fedloop {__version__} (protocol {PROTOCOL_VERSION}, Python {sys.version.split()[0]})"
+    )
 
 
 def main() -> None:

@@ -86,7 +86,9 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> AggregatorC
         try:
             raw = tomllib.loads(file.read_text())
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {file} is not valid TOML ({exc}); fix that line") from exc
+            raise ConfigError(
+                f"config file {file} is not valid TOML ({exc}); fix that line"
+            ) from exc
         data.update(raw.pop("aggregator", {}))
         data.update(raw)
     data.update(_from_env())

@@ -91,7 +91,10 @@ def run_demo(
         rounds=rounds,
         min_agents=agents,
         aggregation_threshold=1.0,
-        evaluate={"engine": "fedloop.ml.engines:digits_engine", "params": {"agent_index": 0, "num_agents": 1}},
+        evaluate={
+            "engine": "fedloop.ml.engines:digits_engine",
+            "params": {"agent_index": 0, "num_agents": 1},
+        },
     )
     echo(f"fedloop demo: {agents} agents, {rounds} rounds, files in {root}")
     logs = root / "logs"
@@ -149,7 +152,8 @@ def run_demo(
                     shown = row["round"]
                     rows.append(row)
                     echo(
-                        f"{row['round']:>5}  {row['global_metrics'].get('accuracy', float('nan')):>10.4f}"
+                        f"{row['round']:>5}"
+                        f"  {row['global_metrics'].get('accuracy', float('nan')):>10.4f}"
                         f"  {row['local_metrics_mean'].get('accuracy', float('nan')):>14.4f}"
                         f"  {row['seconds']:>7.2f}"
                     )
@@ -167,7 +171,10 @@ def run_demo(
                 process.kill()
     seconds = time.monotonic() - started
     final = rows[-1]["global_metrics"].get("accuracy") if rows else None
-    echo(f"done in {seconds:.1f} s; final global test accuracy {final:.4f}; `fedloop history --data-dir {root / 'aggregator'}` shows the records")
+    echo(
+        f"done in {seconds:.1f} s; final global test accuracy {final:.4f}; "
+        f"`fedloop history --data-dir {root / 'aggregator'}` shows the records"
+    )
     return {
         "rounds": len(rows),
         "final_accuracy": final,

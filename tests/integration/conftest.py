@@ -22,7 +22,13 @@ HERE = Path(__file__).parent
 
 def env(**extra: str) -> dict[str, str]:
     path = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+    return {
+        **os.environ,
+        "PYTHONPATH": path,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
 
 
 @dataclass
@@ -43,7 +49,9 @@ class Server:
         return self.root / "aggregator"
 
     def start(self) -> Server:
-        config = write_config(self.root / "aggregator.toml", self.port, self.data_dir, **dict(self.settings))
+        config = write_config(
+            self.root / "aggregator.toml", self.port, self.data_dir, **dict(self.settings)
+        )
         log = open(self.root / "aggregator.log", "ab")  # noqa: SIM115 - the process owns it
         self.process = subprocess.Popen(
             [sys.executable, "-m", "fedloop", "aggregator", "--config", str(config)],
@@ -74,7 +82,9 @@ class Server:
         result: dict[str, Any] = self.get("/v1/status").json()
         return result
 
-    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 60.0) -> dict[str, Any]:
+    def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 60.0
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status = self.status()
@@ -99,8 +109,18 @@ def start_agent(
     log = open(server.root / f"{name}.log", "ab")  # noqa: SIM115 - the process owns it
     return subprocess.Popen(
         [
-            sys.executable, "-m", "fedloop", "agent", engine,
-            "--url", server.url, "--name", name, "--workdir", str(workdir), *args,
+            sys.executable,
+            "-m",
+            "fedloop",
+            "agent",
+            engine,
+            "--url",
+            server.url,
+            "--name",
+            name,
+            "--workdir",
+            str(workdir),
+            *args,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

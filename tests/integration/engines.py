@@ -24,7 +24,9 @@ class ShiftEngine:
     def initial_weights(self) -> Weights:
         return initial()
 
-    def train(self, weights: Weights, config: dict[str, Any]) -> tuple[Weights, int, dict[str, float]]:
+    def train(
+        self, weights: Weights, config: dict[str, Any]
+    ) -> tuple[Weights, int, dict[str, float]]:
         marker = os.environ.get("FEDLOOP_TEST_TRAINING_MARKER")
         if marker:
             with open(marker, "a") as handle:

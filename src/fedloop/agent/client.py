@@ -63,11 +63,16 @@ class AggregatorClient:
             raise Refused(detail, response.status_code, code)
         return response
 
-    def register(self, name: str, weights: Mapping[str, np.ndarray] | None = None) -> RegisterResponse:
+    def register(
+        self, name: str, weights: Mapping[str, np.ndarray] | None = None
+    ) -> RegisterResponse:
         message = RegisterRequest(agent_name=name)
         body = codec.encode(weights) if weights is not None else b""
         response = self._send(
-            "POST", "/v1/register", content=body, headers={MESSAGE_HEADER: message.model_dump_json()}
+            "POST",
+            "/v1/register",
+            content=body,
+            headers={MESSAGE_HEADER: message.model_dump_json()},
         )
         return RegisterResponse.model_validate(response.json())
 

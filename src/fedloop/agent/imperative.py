@@ -1,10 +1,10 @@
 """The book's imperative agent API, for readers porting simple-fl code.
 
-    client = Client("http://127.0.0.1:8765", name="a1")
-    client.send_initial_model(weights)
-    while True:
-        global_weights = client.wait_for_global_model()
-        client.send_trained_model(train(global_weights), num_samples, {"accuracy": acc})
+client = Client("http://127.0.0.1:8765", name="a1")
+client.send_initial_model(weights)
+while True:
+    global_weights = client.wait_for_global_model()
+    client.send_trained_model(train(global_weights), num_samples, {"accuracy": acc})
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class Client:
         waited = 0.0
         while timeout is None or waited < timeout:
             wait = self.poll_wait if timeout is None else min(self.poll_wait, timeout - waited)
-            result = retry(lambda: self.client.latest_global(self.global_round, wait))
+            result = retry(lambda w=wait: self.client.latest_global(self.global_round, w))  # type: ignore[misc]
             waited += wait
             if result is not None:
                 info, data = result
@@ -63,7 +63,9 @@ class Client:
         agent_id, data = self.agent_id, codec.encode(weights)
         try:
             retry(
-                lambda: self.client.upload(agent_id, self.global_round + 1, data, num_samples, metrics)
+                lambda: self.client.upload(
+                    agent_id, self.global_round + 1, data, num_samples, metrics
+                )
             )
         except Refused as exc:
             if exc.code in ("round_closed", "round_not_open", "run_finished"):

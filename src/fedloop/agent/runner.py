@@ -174,7 +174,10 @@ class Agent:
             return
         data, meta = pending
         if self.push is not None and self.push.announced > self.state.global_round:
-            log.info("local model of round %d overtaken by a newer global model; discarded", meta["round"])
+            log.info(
+                "local model of round %d overtaken by a newer global model; discarded",
+                meta["round"],
+            )
         else:
             assert self.state.agent_id is not None
             agent_id = self.state.agent_id

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -101,7 +101,9 @@ def create_app(config: AggregatorConfig, aggregator: Aggregator | None = None) -
         number = int(request.path_params["round"])
         row = await asyncio.to_thread(agg.store.global_model, number)
         if row is None:
-            raise ProtocolError(f"there is no global model for round {number}", 404, "no_such_round")
+            raise ProtocolError(
+                f"there is no global model for round {number}", 404, "no_such_round"
+            )
         data = await asyncio.to_thread(agg.blobs.get, row.model_id)
         return Response(
             data,

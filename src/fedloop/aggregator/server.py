@@ -25,7 +25,9 @@ def check_port(host: str, port: int) -> None:
                 raise ConfigError(
                     f"port {port} on {host} is already in use; stop what runs there or pass --port"
                 ) from exc
-            raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); pass --host") from exc
+            raise ConfigError(
+                f"cannot listen on {host}:{port} ({exc.strerror}); pass --host"
+            ) from exc
 
 
 def serve(config: AggregatorConfig) -> None:
@@ -45,6 +47,9 @@ def serve(config: AggregatorConfig) -> None:
         )
     )
     logging.getLogger("fedloop").info(
-        "aggregator listening on http://%s:%d (data in %s)", config.host, config.port, config.data_dir
+        "aggregator listening on http://%s:%d (data in %s)",
+        config.host,
+        config.port,
+        config.data_dir,
     )
     server.run()

@@ -11,6 +11,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,7 @@ from fedloop.protocol.messages import (
     UploadRequest,
     UploadResponse,
 )
-from fedloop.store.blobs import BlobStore, blob_id
+from fedloop.store.blobs import BlobStore
 from fedloop.store.db import (
     AgentRow,
     DuplicateUpload,
@@ -93,6 +94,7 @@ class Aggregator:
         self.subscribers: set[asyncio.Queue[PushMessage]] = set()
         self._new_global = asyncio.Event()
         self._ticker: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # keeps aggregation tasks from being GC'd
         self.stats = {"uploads": 0, "rejected": 0, "bytes_in": 0, "bytes_out": 0}
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -100,6 +102,8 @@ class Aggregator:
         """Load the committed state (a restart resumes the same round) and start the clock."""
         await asyncio.to_thread(self._load)
         self._ticker = asyncio.create_task(self._tick())
+        # Killed after the last upload of a round committed but before its aggregation did.
+        self._maybe_close("threshold")
 
     async def stop(self) -> None:
         if self._ticker is not None:
@@ -223,7 +227,8 @@ class Aggregator:
             else:
                 if len(self.agents) >= self.config.max_agents:
                     raise ProtocolError(
-                        f"the aggregator already has its maximum of {self.config.max_agents} agents",
+                        f"the aggregator already has its maximum of "
+                        f"{self.config.max_agents} agents",
                         403,
                         "too_many_agents",
                     )
@@ -238,12 +243,19 @@ class Aggregator:
                 now = time.time()
                 if self.spec is None:
                     assert weights is not None
-                    await asyncio.to_thread(self._bootstrap, agent_id, request.agent_name, weights, now)
+                    await asyncio.to_thread(
+                        self._bootstrap, agent_id, request.agent_name, weights, now
+                    )
                     self._announce()
                 else:
                     await asyncio.to_thread(self.store.add_agent, agent_id, request.agent_name, now)
                 self.agents[agent_id] = request.agent_name
-                log.info("agent %s registered as %s (%d agents)", request.agent_name, agent_id, len(self.agents))
+                log.info(
+                    "agent %s registered as %s (%d agents)",
+                    request.agent_name,
+                    agent_id,
+                    len(self.agents),
+                )
             self.last_seen[agent_id] = time.time()
             return RegisterResponse(
                 agent_id=agent_id,
@@ -256,7 +268,9 @@ class Aggregator:
         """Fix the model from the first agent and store round 0's global model."""
         spec = ModelSpec.of(weights)
         initial = (
-            {k: np.array(v) for k, v in weights.items()} if self.config.init_weights else spec.zeros()
+            {k: np.array(v) for k, v in weights.items()}
+            if self.config.init_weights
+            else spec.zeros()
         )
         data = codec.encode(initial)
         model_id = self.blobs.put(data)
@@ -347,18 +361,24 @@ class Aggregator:
             self.stats["bytes_in"] += len(body)
             uploads, needed = len(self.pending), self.needed()
             log.info(
-                "round %d: local model from %s (%d/%d)", self.round, request.agent_id, uploads, needed
+                "round %d: local model from %s (%d/%d)",
+                self.round,
+                request.agent_id,
+                uploads,
+                needed,
             )
-            if uploads >= needed:
-                self.closing = True
-                asyncio.create_task(self._close_round("threshold"))
-            return UploadResponse(accepted=True, round=request.round, uploads=uploads, needed=needed)
+            self._maybe_close("threshold")
+            return UploadResponse(
+                accepted=True, round=request.round, uploads=uploads, needed=needed
+            )
 
     async def report(self, request: MetricsReport) -> None:
         """Store an agent's evaluation of a global model on its own data."""
         self.known_agent(request.agent_id)
         if request.round > self.global_round:
-            raise ProtocolError(f"global model {request.round} does not exist yet", 409, "no_such_round")
+            raise ProtocolError(
+                f"global model {request.round} does not exist yet", 409, "no_such_round"
+            )
         try:
             await asyncio.to_thread(
                 self.store.add_evaluation, request.agent_id, request.round, request.metrics
@@ -367,6 +387,22 @@ class Aggregator:
             raise ProtocolError(str(exc), 409, "duplicate_report") from exc
 
     # --- aggregation ----------------------------------------------------------------------
+    def _maybe_close(self, reason: str) -> None:
+        if (
+            self.round
+            and not self.closing
+            and not self.finished
+            and self.pending
+            and len(self.pending) >= self.needed()
+        ):
+            self.closing = True
+            self._spawn(self._close_round(reason))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _close_round(self, reason: str) -> None:
         try:
             async with self.lock:
@@ -387,8 +423,13 @@ class Aggregator:
         assert self.global_model is not None and self.spec is not None
         started = time.perf_counter()
         updates = [self.pending[k] for k in sorted(self.pending)]
-        result = self.strategy.aggregate(self.global_model.weights, updates, server_round=self.round)
-        new = {t.name: np.asarray(result[t.name], dtype=codec._DTYPES[t.dtype]) for t in self.spec.tensors}
+        result = self.strategy.aggregate(
+            self.global_model.weights, updates, server_round=self.round
+        )
+        new = {
+            t.name: np.asarray(result[t.name], dtype=codec._DTYPES[t.dtype])
+            for t in self.spec.tensors
+        }
         codec.check_against(new, self.spec)
         data = codec.encode(new)
         model_id = self.blobs.put(data)
@@ -448,7 +489,7 @@ class Aggregator:
                 and len(self.pending) >= self.config.min_agents
             ):
                 self.closing = True
-                asyncio.create_task(self._close_round("deadline"))
+                self._spawn(self._close_round("deadline"))
             changed = {k: v for k, v in self.last_seen.items() if flushed.get(k) != v}
             if changed:
                 try:

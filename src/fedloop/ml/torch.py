@@ -268,13 +268,11 @@ def fisher_diagonal(
         module.train(was_training)
     if count == 0:
         raise FedloopError("fisher_diagonal got no samples; pass at least one batch.")
-    return {
-        n: (s / count)
-        .to(params[n].dtype if params[n].dtype != torch.bfloat16 else torch.float32)
-        .cpu()
-        .numpy()
-        for n, s in sums.items()
-    }
+    out: Weights = {}
+    for n, s in sums.items():
+        dtype = _WIDENED.get(params[n].dtype, params[n].dtype)
+        out[n] = (s / count).to(dtype).cpu().numpy()
+    return out
 
 
 def fedcurv_penalty(

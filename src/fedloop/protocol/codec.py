@@ -33,6 +33,7 @@ _DTYPES: dict[str, np.dtype[Any]] = {
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
+Bytes = bytes | bytearray | memoryview
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 
 
@@ -106,11 +107,11 @@ def encode(weights: Mapping[str, np.ndarray]) -> bytes:
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
     parts: list[bytes | memoryview] = [struct.pack("<Q", len(raw)), raw]
-    parts.extend(memoryview(a).cast("B") for a in arrays if a.nbytes)
+    parts.extend(a.data.cast("B") for a in arrays if a.nbytes)
     return b"".join(parts)
 
 
-def read_header(data: bytes | memoryview) -> tuple[dict[str, Any], int]:
+def read_header(data: Bytes) -> tuple[dict[str, Any], int]:
     """Return the JSON header of safetensors bytes and where its data section starts."""
     if len(data) < 8:
         raise ProtocolError("model body is shorter than a safetensors header", 400, "bad_model")
@@ -126,7 +127,7 @@ def read_header(data: bytes | memoryview) -> tuple[dict[str, Any], int]:
     return header, 8 + size
 
 
-def decode(data: bytes | memoryview) -> Weights:
+def decode(data: Bytes) -> Weights:
     """Return the tensors in safetensors bytes as read-only arrays viewing `data`.
 
     Every offset is checked: tensors must tile the data section exactly, each of the size its
@@ -143,7 +144,9 @@ def decode(data: bytes | memoryview) -> Weights:
             shape = tuple(int(s) for s in info["shape"])
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"tensor {name!r} has a malformed header entry", 400, "bad_model") from exc
+            raise ProtocolError(
+                f"tensor {name!r} has a malformed header entry", 400, "bad_model"
+            ) from exc
         if kind not in _DTYPES:
             raise ProtocolError(
                 f"tensor {name!r} has dtype {kind!r}, which fedloop does not accept "
@@ -216,7 +219,7 @@ def check_against(weights: Mapping[str, np.ndarray], spec: ModelSpec) -> None:
             )
 
 
-def decode_checked(data: bytes | memoryview, spec: ModelSpec | None) -> Weights:
+def decode_checked(data: Bytes, spec: ModelSpec | None) -> Weights:
     """Return the decoded model after checking it against `spec` (or only for finiteness)."""
     weights = decode(data)
     if not weights:

@@ -155,4 +155,6 @@ def parse_message(model: type[M], raw: str | bytes | None) -> M:
             f"{'.'.join(str(p) for p in err['loc']) or 'message'}: {err['msg']}"
             for err in exc.errors()
         )
-        raise ProtocolError(f"invalid {model.__name__}: {problems}", 422, "invalid_message") from exc
+        raise ProtocolError(
+            f"invalid {model.__name__}: {problems}", 422, "invalid_message"
+        ) from exc

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 
-def blob_id(data: bytes | memoryview) -> str:
+def blob_id(data: bytes | bytearray | memoryview) -> str:
     """Return the content address (sha256 hex) of `data`."""
     return hashlib.sha256(data).hexdigest()
 
@@ -25,7 +25,7 @@ class BlobStore:
             raise KeyError(f"not a blob id: {key!r}")
         return self.root / key[:2] / key[2:4] / f"{key}.safetensors"
 
-    def put(self, data: bytes | memoryview, key: str | None = None) -> str:
+    def put(self, data: bytes | bytearray | memoryview, key: str | None = None) -> str:
         """Store `data` durably and return its id; storing the same bytes twice is a no-op."""
         key = key or blob_id(data)
         target = self.path(key)

@@ -177,7 +177,9 @@ class Store:
     def open_round(self) -> RoundRow | None:
         with self._sessions() as session:
             return session.scalars(
-                select(RoundRow).where(RoundRow.closed_at.is_(None)).order_by(RoundRow.number.desc())
+                select(RoundRow)
+                .where(RoundRow.closed_at.is_(None))
+                .order_by(RoundRow.number.desc())
             ).first()
 
     def start_round(self, number: int, now: float | None = None) -> RoundRow:
@@ -242,7 +244,10 @@ class Store:
             with self._tx() as session:
                 session.add(
                     EvaluationRow(
-                        agent_id=agent_id, round=round_number, metrics=metrics, created_at=time.time()
+                        agent_id=agent_id,
+                        round=round_number,
+                        metrics=metrics,
+                        created_at=time.time(),
                     )
                 )
         except IntegrityError as exc:

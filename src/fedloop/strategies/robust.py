@@ -146,24 +146,20 @@ def geometric_median(
 ) -> Array:
     """Return the smoothed Weiszfeld approximation of argmin_v sum_i alpha_i ||v - x_i||.
 
-    RFA (Pillutla et al. 2022, Algorithm 3): start at the alpha-weighted mean, repeat
-    v <- sum_i b_i x_i / sum_i b_i with b_i = alpha_i / max(eps, ||v - x_i||), and stop after
-    max_iter passes or when the objective changes by at most tol times its value.
+    RFA (Pillutla et al. 2022): start at the alpha-weighted mean and repeat
+    v <- sum_i b_i x_i / sum_i b_i with b_i = alpha_i / max(eps, ||v - x_i||), for at most
+    max_iter passes, stopping once a pass moves v by at most tol * (1 + ||v||). (RFA's code
+    stops on a relative change of the objective instead; a far outlier dominates the objective,
+    so that test would stop while v is still visibly pulled towards it.)
     """
     weights = alphas / alphas.sum()
-    median = weights @ points
-
-    def objective(v: Array) -> float:
-        return float(weights @ np.linalg.norm(points - v, axis=1))
-
-    value = objective(median)
+    median = np.asarray(weights @ points, dtype=np.float64)
     for _ in range(max_iter):
         betas = weights / np.maximum(eps, np.linalg.norm(points - median, axis=1))
-        median = (betas / betas.sum()) @ points
-        previous, value = value, objective(median)
-        if abs(previous - value) <= tol * value:
+        previous, median = median, np.asarray((betas / betas.sum()) @ points, dtype=np.float64)
+        if float(np.linalg.norm(median - previous)) <= tol * (1.0 + float(np.linalg.norm(median))):
             break
-    return np.asarray(median, dtype=np.float64)
+    return median
 
 
 # --- strategies --------------------------------------------------------------------------------
@@ -197,7 +193,10 @@ class Median(Strategy):
 
 
 class TrimmedMean(Strategy):
-    """Coordinate-wise trimmed mean (Yin et al. 2018): drop floor(beta n) at each end, average."""
+    """Coordinate-wise trimmed mean (Yin et al. 2018): drop floor(beta n) at each end, average.
+
+    ``beta`` in [0, 0.5), default 0.1.
+    """
 
     name = "trimmed_mean"
 
@@ -243,7 +242,8 @@ class Krum(_Flattened):
         self.f = param_int(self.name, "f", f, low=0)
 
     def _combine(self, points: Array, updates: Sequence[Update]) -> Array:
-        return np.asarray(points[krum_select(points, self.f, 1)[0]], dtype=np.float64)
+        # a copy, so the result does not keep the whole (n, d) matrix alive
+        return np.array(points[krum_select(points, self.f, 1)[0]], dtype=np.float64)
 
 
 class MultiKrum(_Flattened):

@@ -1,0 +1,111 @@
+"""Kill -9 the aggregator mid-round, or an agent mid-training: the run resumes and finishes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from checks import assert_globals_are_weighted_means
+from conftest import Server, start_agent
+
+from fedloop.agent.client import AggregatorClient
+from fedloop.protocol import codec
+
+GOOD = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
+
+
+def _model(value: float) -> bytes:
+    return codec.encode({k: v + value for k, v in GOOD.items()})
+
+
+def test_aggregator_killed_mid_round_resumes_the_same_round(make_server: Any) -> None:
+    server: Server = make_server(min_agents=3, rounds=2)
+    client = AggregatorClient(server.url)
+    ids = [client.register(f"site-{i}", GOOD).agent_id for i in range(3)]
+    client.upload(ids[0], 1, _model(1.0), 10)
+    client.upload(ids[1], 1, _model(2.0), 30)
+    before = server.status()
+    assert (before["round"], before["uploads"], before["registered_agents"]) == (1, 2, 3)
+
+    server.kill()
+    client.close()
+    server.start()
+    client = AggregatorClient(server.url)
+
+    after = server.status()
+    assert (after["round"], after["uploads"], after["registered_agents"]) == (1, 2, 3)
+    assert [client.register(f"site-{i}").agent_id for i in range(3)] == ids
+    client.upload(ids[2], 1, _model(4.0), 60)
+    server.wait_for(lambda s: s["round"] == 2)
+    expected = (1.0 * 10 + 2.0 * 30 + 4.0 * 60) / 100
+    np.testing.assert_allclose(client.global_model(1)["w"], expected, rtol=1e-6)
+    np.testing.assert_array_equal(client.global_model(0)["w"], GOOD["w"])
+
+
+def test_run_with_agent_processes_survives_an_aggregator_kill(
+    make_server: Any, agents: list[subprocess.Popen[bytes]]
+) -> None:
+    server: Server = make_server(min_agents=3, rounds=4)
+    for i, delay in enumerate([0.1, 0.1, 4.0]):  # the slow one leaves a window mid-round
+        agents.append(
+            start_agent(
+                server,
+                f"a{i}",
+                "engines:ShiftEngine",
+                "--set",
+                f"offset={i + 1}",
+                "--set",
+                f"delay={delay}",
+                "--set",
+                f"samples={10 * (i + 1)}",
+            )
+        )
+    server.wait_for(lambda s: s["round"] == 2 and s["uploads"] == 2, timeout=60)
+    server.kill()
+    time.sleep(0.5)
+    server.start()
+    assert server.status()["round"] == 2 and server.status()["uploads"] == 2
+    server.wait_for(lambda s: s["finished"], timeout=90)
+    for process in agents:
+        assert process.wait(timeout=30) == 0
+    assert_globals_are_weighted_means(server.data_dir, 4)
+
+
+def test_agent_killed_mid_training_resumes(
+    make_server: Any, agents: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    server: Server = make_server(min_agents=3, rounds=2)
+    marker = tmp_path / "slow-agent-training.txt"
+    for i in range(2):
+        agents.append(
+            start_agent(server, f"a{i}", "engines:ShiftEngine", "--set", f"offset={i + 1}")
+        )
+    slow = start_agent(
+        server,
+        "slow",
+        "engines:ShiftEngine",
+        "--set",
+        "delay=30",
+        extra_env={"FEDLOOP_TEST_TRAINING_MARKER": str(marker)},
+    )
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the slow agent never started training"
+    slow.kill()
+    slow.wait(timeout=10)
+    state = json.loads((server.root / "slow" / "state.json").read_text())
+    assert state["phase"] == "training" and state["global_round"] == 0
+    assert server.status()["uploads"] == 2
+
+    agents.append(start_agent(server, "slow", "engines:ShiftEngine", "--set", "offset=3"))
+    server.wait_for(lambda s: s["finished"], timeout=60)
+    for process in agents:
+        assert process.wait(timeout=30) == 0
+    assert server.status()["registered_agents"] == 3  # the restarted agent kept its id
+    assert_globals_are_weighted_means(server.data_dir, 2)
+    assert marker.read_text().split() == ["1"]  # killed once, in round 1
