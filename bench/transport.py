@@ -1,11 +1,13 @@
 """Loopback benchmark of candidate transports for fedloop (see docs/decisions/0001-transport.md).
 
 Every (transport, case) pair gets a fresh server in a subprocess on a free 127.0.0.1 port, so the
-server's peak RSS (``ru_maxrss``) belongs to that case alone. The client runs in this process.
+server's peak RSS (VmHWM) belongs to that case alone. The client runs in this process.
 One JSON line is printed per case.
 
 Cases
-  upload       client POSTs one ``--size-mb`` body; the server streams it into one bytearray.
+  upload       client POSTs one ``--size-mb`` body in 1 MiB slices (Content-Length set); the
+               server streams it into one preallocated bytearray.
+  upload_whole same, but the client hands the whole body to its HTTP library in one call.
   download     server streams a stored body in 1 MiB slices; the client reads all of it.
   download_whole  same, but the server hands the whole body to the framework in one call
                (Starlette ``Response(bytes)`` / aiohttp ``Response(body=bytes)``).
@@ -24,6 +26,8 @@ Transports
   starlette-uvicorn-httptools  same with the httptools parser (``uvicorn[standard]``).
   starlette-uvicorn-httptools-uvloop  same with uvloop on server and client.
   aiohttp                      aiohttp web server and aiohttp client (HTTP and WebSocket).
+  starlette-uvicorn-httptools+aiohttp-client  the httptools server driven by the aiohttp
+                               client, to tell server-side limits from httpx-client limits.
   grpc                         grpc.aio, raw-bytes methods (no codegen): client-streaming upload
                                and server-streaming download in 1 MiB messages; unary calls for
                                ``small`` (one channel per client); server-streaming subscription
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as _dt
 import importlib.util
 import json
@@ -62,11 +67,33 @@ TRANSPORTS: dict[str, list[str]] = {
     "starlette-uvicorn-h11": ["starlette", "uvicorn", "h11", "httpx", "websockets"],
     "starlette-uvicorn-httptools": ["starlette", "uvicorn", "httptools", "httpx", "websockets"],
     "starlette-uvicorn-httptools-uvloop": [
-        "starlette", "uvicorn", "httptools", "uvloop", "httpx", "websockets"],
+        "starlette",
+        "uvicorn",
+        "httptools",
+        "uvloop",
+        "httpx",
+        "websockets",
+    ],
     "aiohttp": ["aiohttp"],
     "grpc": ["grpc"],
+    # cross-check: which side limits the Starlette numbers, uvicorn or the httpx client?
+    "starlette-uvicorn-httptools+aiohttp-client": [
+        "starlette",
+        "uvicorn",
+        "httptools",
+        "aiohttp",
+        "websockets",
+    ],
 }
-CASES = ["upload", "download", "download_whole", "small", "small_shared", "ws_broadcast"]
+CASES = [
+    "upload",
+    "upload_whole",
+    "download",
+    "download_whole",
+    "small",
+    "small_shared",
+    "ws_broadcast",
+]
 
 
 def _missing(mods: list[str]) -> list[str]:
@@ -124,7 +151,7 @@ def serve_starlette(port: int, size: int, http: str, loop: str) -> None:
                 view.release()
                 buf.extend(b"\0" * (got + len(chunk) - len(buf)))
                 view = memoryview(buf)
-            view[got:got + len(chunk)] = chunk
+            view[got : got + len(chunk)] = chunk
             got += len(chunk)
         view.release()
         return JSONResponse({"received": got})
@@ -134,10 +161,11 @@ def serve_starlette(port: int, size: int, http: str, loop: str) -> None:
 
         async def gen():
             for i in range(0, len(mv), CHUNK):
-                yield mv[i:i + CHUNK]
+                yield mv[i : i + CHUNK]
 
-        return StreamingResponse(gen(), media_type="application/octet-stream",
-                                 headers={"content-length": str(len(blob))})
+        return StreamingResponse(
+            gen(), media_type="application/octet-stream", headers={"content-length": str(len(blob))}
+        )
 
     async def download_whole(request: Request) -> Response:
         return Response(blob, media_type="application/octet-stream")
@@ -165,24 +193,34 @@ def serve_starlette(port: int, size: int, http: str, loop: str) -> None:
 
     async def broadcast(request: Request) -> Response:
         targets = list(clients)
-        await asyncio.gather(*(c.send_text(BROADCAST_MSG) for c in targets),
-                             return_exceptions=True)
+        await asyncio.gather(*(c.send_text(BROADCAST_MSG) for c in targets), return_exceptions=True)
         return JSONResponse({"sent": len(targets)})
 
-    app = Starlette(routes=[
-        Route("/upload", upload, methods=["POST"]),
-        Route("/download", download),
-        Route("/download_whole", download_whole),
-        Route("/small", small_get),
-        Route("/small", small_post, methods=["POST"]),
-        Route("/stats", stats),
-        Route("/broadcast", broadcast, methods=["POST"]),
-        WebSocketRoute("/ws", ws_endpoint),
-    ])
+    app = Starlette(
+        routes=[
+            Route("/upload", upload, methods=["POST"]),
+            Route("/download", download),
+            Route("/download_whole", download_whole),
+            Route("/small", small_get),
+            Route("/small", small_post, methods=["POST"]),
+            Route("/stats", stats),
+            Route("/broadcast", broadcast, methods=["POST"]),
+            WebSocketRoute("/ws", ws_endpoint),
+        ]
+    )
     print("READY", flush=True)
-    uvicorn.run(app, host="127.0.0.1", port=port, http=http, loop=loop,
-                log_level="warning", access_log=False, backlog=2048, lifespan="off",
-                ws="auto")
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        http=http,
+        loop=loop,
+        log_level="warning",
+        access_log=False,
+        backlog=2048,
+        lifespan="off",
+        ws="auto",
+    )
 
 
 def serve_aiohttp(port: int, size: int) -> None:
@@ -203,7 +241,7 @@ def serve_aiohttp(port: int, size: int) -> None:
                 view.release()
                 buf.extend(b"\0" * (got + len(chunk) - len(buf)))
                 view = memoryview(buf)
-            view[got:got + len(chunk)] = chunk
+            view[got : got + len(chunk)] = chunk
             got += len(chunk)
         view.release()
         return web.json_response({"received": got})
@@ -214,7 +252,7 @@ def serve_aiohttp(port: int, size: int) -> None:
         await resp.prepare(request)
         mv = memoryview(blob)
         for i in range(0, len(mv), CHUNK):
-            await resp.write(mv[i:i + CHUNK])
+            await resp.write(mv[i : i + CHUNK])
         await resp.write_eof()
         return resp
 
@@ -245,24 +283,31 @@ def serve_aiohttp(port: int, size: int) -> None:
 
     async def broadcast(request: web.Request) -> web.Response:
         targets = list(clients)
-        await asyncio.gather(*(c.send_str(BROADCAST_MSG) for c in targets),
-                             return_exceptions=True)
+        await asyncio.gather(*(c.send_str(BROADCAST_MSG) for c in targets), return_exceptions=True)
         return web.json_response({"sent": len(targets)})
 
     # client_max_size only limits request.read()/post(); the 64 KiB POST fits the 1 MiB default.
     app = web.Application()
-    app.add_routes([
-        web.post("/upload", upload), web.get("/download", download),
-        web.get("/download_whole", download_whole), web.get("/small", small_get),
-        web.post("/small", small_post), web.get("/stats", stats),
-        web.post("/broadcast", broadcast), web.get("/ws", ws_endpoint),
-    ])
+    app.add_routes(
+        [
+            web.post("/upload", upload),
+            web.get("/download", download),
+            web.get("/download_whole", download_whole),
+            web.get("/small", small_get),
+            web.post("/small", small_post),
+            web.get("/stats", stats),
+            web.post("/broadcast", broadcast),
+            web.get("/ws", ws_endpoint),
+        ]
+    )
     print("READY", flush=True)
     web.run_app(app, host="127.0.0.1", port=port, backlog=2048, print=None, access_log=None)
 
 
-GRPC_OPTS = [("grpc.max_receive_message_length", 64 << 20),
-             ("grpc.max_send_message_length", 64 << 20)]
+GRPC_OPTS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+]
 
 
 def serve_grpc(port: int, size: int) -> None:
@@ -281,7 +326,7 @@ def serve_grpc(port: int, size: int) -> None:
 
     async def download(req, ctx):
         for i in range(0, len(blob), CHUNK):
-            yield blob[i:i + CHUNK]
+            yield blob[i : i + CHUNK]
 
     async def small_get(req, ctx):
         return small_blob
@@ -308,15 +353,18 @@ def serve_grpc(port: int, size: int) -> None:
             q.put_nowait(msg)
         return json.dumps({"sent": len(queues)}).encode()
 
-    handlers = grpc.method_handlers_generic_handler("fedloop.Bench", {
-        "Upload": grpc.stream_unary_rpc_method_handler(upload),
-        "Download": grpc.unary_stream_rpc_method_handler(download),
-        "SmallGet": grpc.unary_unary_rpc_method_handler(small_get),
-        "SmallPost": grpc.unary_unary_rpc_method_handler(small_post),
-        "Stats": grpc.unary_unary_rpc_method_handler(stats),
-        "Subscribe": grpc.unary_stream_rpc_method_handler(subscribe),
-        "Broadcast": grpc.unary_unary_rpc_method_handler(broadcast),
-    })
+    handlers = grpc.method_handlers_generic_handler(
+        "fedloop.Bench",
+        {
+            "Upload": grpc.stream_unary_rpc_method_handler(upload),
+            "Download": grpc.unary_stream_rpc_method_handler(download),
+            "SmallGet": grpc.unary_unary_rpc_method_handler(small_get),
+            "SmallPost": grpc.unary_unary_rpc_method_handler(small_post),
+            "Stats": grpc.unary_unary_rpc_method_handler(stats),
+            "Subscribe": grpc.unary_stream_rpc_method_handler(subscribe),
+            "Broadcast": grpc.unary_unary_rpc_method_handler(broadcast),
+        },
+    )
 
     async def main() -> None:
         server = grpc.aio.server(options=GRPC_OPTS)
@@ -330,6 +378,7 @@ def serve_grpc(port: int, size: int) -> None:
 
 
 def run_server(name: str, port: int, size: int) -> None:
+    name = name.split("+")[0]
     if name == "starlette-uvicorn-h11":
         serve_starlette(port, size, "h11", "asyncio")
     elif name == "starlette-uvicorn-httptools":
@@ -356,15 +405,23 @@ class HttpxClient:
         self.base = base
         self.ws_base = base.replace("http://", "ws://")
         self.c = httpx.AsyncClient(
-            base_url=base, timeout=120.0,
-            limits=httpx.Limits(max_connections=conns, max_keepalive_connections=conns))
+            base_url=base,
+            timeout=120.0,
+            limits=httpx.Limits(max_connections=conns, max_keepalive_connections=conns),
+        )
 
     async def close(self) -> None:
         await self.c.aclose()
 
-    async def upload(self, body: bytes) -> int:
-        r = await self.c.post("/upload", content=body,
-                              headers={"content-type": "application/octet-stream"})
+    async def upload(self, body: bytes, whole: bool = False) -> int:
+        # Streamed: 1 MiB memoryview slices with an explicit Content-Length (httpx then sends
+        # them as they come, not chunked). Whole: one bytes object handed to the transport.
+        content = body if whole else _aslices(body)
+        r = await self.c.post(
+            "/upload",
+            content=content,
+            headers={"content-type": "application/octet-stream", "content-length": str(len(body))},
+        )
         r.raise_for_status()
         return r.json()["received"]
 
@@ -384,8 +441,12 @@ class HttpxClient:
 
         if not hasattr(self, "_ssl"):
             self._ssl = ssl.create_default_context()  # share it: building one costs ~ms
-        return httpx.AsyncClient(base_url=self.base, timeout=120.0, verify=self._ssl,
-                                 limits=httpx.Limits(max_connections=1))
+        return httpx.AsyncClient(
+            base_url=self.base,
+            timeout=120.0,
+            verify=self._ssl,
+            limits=httpx.Limits(max_connections=1),
+        )
 
     @staticmethod
     async def close_agent(agent) -> None:
@@ -425,14 +486,19 @@ class AiohttpClient:
 
         self.base = base
         self.s = aiohttp.ClientSession(
-            base, connector=aiohttp.TCPConnector(limit=0),
-            timeout=aiohttp.ClientTimeout(total=120))
+            base, connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=120)
+        )
 
     async def close(self) -> None:
         await self.s.close()
 
-    async def upload(self, body: bytes) -> int:
-        async with self.s.post("/upload", data=body) as r:
+    async def upload(self, body: bytes, whole: bool = False) -> int:
+        data = body if whole else _aslices(body)
+        async with self.s.post(
+            "/upload",
+            data=data,
+            headers={"Content-Length": str(len(body)), "Content-Type": "application/octet-stream"},
+        ) as r:
             r.raise_for_status()
             return (await r.json())["received"]
 
@@ -494,7 +560,8 @@ class GrpcClient:
     def _channel(self):
         # local_subchannel_pool: give each channel its own TCP connection
         return self.grpc.aio.insecure_channel(
-            self.target, options=GRPC_OPTS + [("grpc.use_local_subchannel_pool", 1)])
+            self.target, options=[*GRPC_OPTS, ("grpc.use_local_subchannel_pool", 1)]
+        )
 
     def _m(self, ch, kind: str, name: str):
         return getattr(ch, kind)(f"/fedloop.Bench/{name}")
@@ -504,12 +571,12 @@ class GrpcClient:
             await ch.close()
         await self.ch.close()
 
-    async def upload(self, body: bytes) -> int:
+    async def upload(self, body: bytes, whole: bool = False) -> int:
         mv = memoryview(body)
 
         async def chunks():
             for i in range(0, len(mv), CHUNK):
-                yield bytes(mv[i:i + CHUNK])
+                yield bytes(mv[i : i + CHUNK])
 
         r = await self._m(self.ch, "stream_unary", "Upload")(chunks())
         return json.loads(r)["received"]
@@ -555,7 +622,15 @@ class GrpcClient:
         ws[1].cancel()
 
 
+async def _aslices(body: bytes):
+    mv = memoryview(body)
+    for i in range(0, len(mv), CHUNK):
+        yield mv[i : i + CHUNK]
+
+
 def client_for(name: str, base: str, conns: int):
+    if name.endswith("+aiohttp-client"):
+        return AiohttpClient(base, conns)
     if name.startswith("starlette"):
         return HttpxClient(base, conns)
     if name == "aiohttp":
@@ -569,20 +644,27 @@ async def run_case(name: str, case: str, base: str, args: argparse.Namespace) ->
     cl = client_for(name, base, conns)
     out: dict[str, Any] = {}
     try:
-        if case == "upload":
+        if case in ("upload", "upload_whole"):
+            if name == "grpc" and case == "upload_whole":
+                return {
+                    "skipped": "gRPC messages are capped; a whole-body message is not a "
+                    "meaningful mode (Flower raises the cap to 512 MB)"
+                }
             body = _make_blob(size)
             await cl.upload(body[:SMALL])  # warm the connection
             times = []
             for _ in range(args.reps):
                 t = time.perf_counter()
-                got = await cl.upload(body)
+                got = await cl.upload(body, whole=case == "upload_whole")
                 times.append(time.perf_counter() - t)
                 assert got == size, (got, size)
             out = _throughput(size, times)
         elif case in ("download", "download_whole"):
             if name == "grpc" and case == "download_whole":
-                return {"skipped": "gRPC messages are capped; a whole-body message is not a "
-                                   "meaningful mode (Flower raises the cap to 512 MB)"}
+                return {
+                    "skipped": "gRPC messages are capped; a whole-body message is not a "
+                    "meaningful mode (Flower raises the cap to 512 MB)"
+                }
             times = []
             for _ in range(args.reps):
                 t = time.perf_counter()
@@ -595,23 +677,29 @@ async def run_case(name: str, case: str, base: str, args: argparse.Namespace) ->
             n = args.clients if case == "small" else args.shared_clients
             agents = [await cl.agent() for _ in range(n)] if case == "small" else [None] * n
             t = time.perf_counter()
-            res = await asyncio.gather(*(cl.small_pair(body, a) for a in agents),
-                                       return_exceptions=True)
+            res = await asyncio.gather(
+                *(cl.small_pair(body, a) for a in agents), return_exceptions=True
+            )
             dt = time.perf_counter() - t
             errs = [r for r in res if isinstance(r, BaseException)]
-            out = {"clients": n, "requests": 2 * n, "seconds": round(dt, 3),
-                   "requests_per_s": round(2 * n / dt, 1), "errors": len(errs)}
+            out = {
+                "clients": n,
+                "requests": 2 * n,
+                "seconds": round(dt, 3),
+                "requests_per_s": round(2 * n / dt, 1),
+                "errors": len(errs),
+            }
             if errs:
                 out["first_error"] = repr(errs[0])[:200]
             if case == "small":
-                await asyncio.gather(*(cl.close_agent(a) for a in agents),
-                                     return_exceptions=True)
+                await asyncio.gather(*(cl.close_agent(a) for a in agents), return_exceptions=True)
         elif case == "ws_broadcast":
             t = time.perf_counter()
             socks = []
             for i in range(0, args.clients, 50):  # connect in waves of 50
-                socks += await asyncio.gather(*(cl.ws_connect()
-                                                for _ in range(min(50, args.clients - i))))
+                socks += await asyncio.gather(
+                    *(cl.ws_connect() for _ in range(min(50, args.clients - i)))
+                )
             t_conn = time.perf_counter() - t
             for _ in range(100):  # wait until the server has registered every socket
                 if (await cl.stats())["ws_clients"] >= len(socks):
@@ -630,8 +718,13 @@ async def run_case(name: str, case: str, base: str, args: argparse.Namespace) ->
             sent = await cl.broadcast()
             await asyncio.wait_for(asyncio.gather(*tasks), 60)
             dt = max(done_at) - t0
-            out = {"clients": len(socks), "sent": sent, "connect_seconds": round(t_conn, 3),
-                   "seconds": round(dt, 4), "received": len(done_at)}
+            out = {
+                "clients": len(socks),
+                "sent": sent,
+                "connect_seconds": round(t_conn, 3),
+                "seconds": round(dt, 4),
+                "received": len(done_at),
+            }
             await asyncio.gather(*(cl.ws_close(ws) for ws in socks), return_exceptions=True)
         st = await cl.stats()
         out["server_base_rss_mb"] = st["base"]["rss_mb"]
@@ -643,9 +736,12 @@ async def run_case(name: str, case: str, base: str, args: argparse.Namespace) ->
 
 def _throughput(size: int, times: list[float]) -> dict[str, Any]:
     med = statistics.median(times)
-    return {"mb": round(size / 1e6, 1), "reps": len(times),
-            "mb_per_s": round(size / 1e6 / med, 1),
-            "mb_per_s_all": [round(size / 1e6 / t, 1) for t in times]}
+    return {
+        "mb": round(size / 1e6, 1),
+        "reps": len(times),
+        "mb_per_s": round(size / 1e6 / med, 1),
+        "mb_per_s_all": [round(size / 1e6 / t, 1) for t in times],
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -661,9 +757,20 @@ def free_port() -> int:
 
 def start_server(name: str, size: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", name,
-                          "--port", str(port), "--serve-size", str(size)],
-                         stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--serve",
+            name,
+            "--port",
+            str(port),
+            "--serve-size",
+            str(size),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     line = p.stdout.readline()
     if "READY" not in line:
         p.kill()
@@ -697,8 +804,11 @@ def main() -> None:
     ap.add_argument("--case-timeout", type=float, default=240.0)
     ap.add_argument("--transports", default=",".join(TRANSPORTS))
     ap.add_argument("--cases", default=",".join(CASES))
-    ap.add_argument("--uvloop-client", action="store_true",
-                    help="run the client on uvloop too (default: asyncio)")
+    ap.add_argument(
+        "--uvloop-client",
+        action="store_true",
+        help="run the client on uvloop too (default: asyncio)",
+    )
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--serve-size", type=int, default=0, help=argparse.SUPPRESS)
@@ -713,18 +823,32 @@ def main() -> None:
     args.clients = args.clients or (100 if args.quick else 500)
     size = int(args.size_mb * 1e6)
 
-    print(json.dumps({"env": {
-        "date": _dt.date.today().isoformat(), "python": platform.python_version(),
-        "cpus": os.cpu_count(), "machine": platform.machine(),
-        "size_mb": args.size_mb, "reps": args.reps, "clients": args.clients,
-        "shared_clients": args.shared_clients,
-        "versions": _versions()}}), flush=True)
+    print(
+        json.dumps(
+            {
+                "env": {
+                    "date": _dt.date.today().isoformat(),
+                    "python": platform.python_version(),
+                    "cpus": os.cpu_count(),
+                    "machine": platform.machine(),
+                    "size_mb": args.size_mb,
+                    "reps": args.reps,
+                    "clients": args.clients,
+                    "shared_clients": args.shared_clients,
+                    "versions": _versions(),
+                }
+            }
+        ),
+        flush=True,
+    )
 
     for name in args.transports.split(","):
         miss = _missing(TRANSPORTS[name])
         if miss:
-            print(json.dumps({"transport": name, "skipped": f"not importable: {', '.join(miss)}"}),
-                  flush=True)
+            print(
+                json.dumps({"transport": name, "skipped": f"not importable: {', '.join(miss)}"}),
+                flush=True,
+            )
             continue
         for case in args.cases.split(","):
             srv_size = size if case.startswith("download") else 0
@@ -736,8 +860,9 @@ def main() -> None:
 
                     loop_factory = uvloop.new_event_loop
                 with asyncio.Runner(loop_factory=loop_factory) as r:
-                    res = r.run(asyncio.wait_for(run_case(name, case, base, args),
-                                                 args.case_timeout))
+                    res = r.run(
+                        asyncio.wait_for(run_case(name, case, base, args), args.case_timeout)
+                    )
             except Exception as e:  # report and go on with the next case
                 res = {"error": repr(e)[:300]}
             finally:
@@ -749,12 +874,20 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ["starlette", "uvicorn", "h11", "httptools", "uvloop", "httpx", "websockets",
-                "aiohttp", "grpcio", "numpy"]:
-        try:
+    for pkg in [
+        "starlette",
+        "uvicorn",
+        "h11",
+        "httptools",
+        "uvloop",
+        "httpx",
+        "websockets",
+        "aiohttp",
+        "grpcio",
+        "numpy",
+    ]:
+        with contextlib.suppress(PackageNotFoundError):
             out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
     return out
 
 

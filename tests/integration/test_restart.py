@@ -100,7 +100,7 @@ def test_agent_killed_mid_training_resumes(
     slow.wait(timeout=10)
     state = json.loads((server.root / "slow" / "state.json").read_text())
     assert state["phase"] == "training" and state["global_round"] == 0
-    assert server.status()["uploads"] == 2
+    server.wait_for(lambda s: s["uploads"] == 2)
 
     agents.append(start_agent(server, "slow", "engines:ShiftEngine", "--set", "offset=3"))
     server.wait_for(lambda s: s["finished"], timeout=60)

@@ -41,3 +41,19 @@ def test_three_agents_three_rounds(
     history = server.get("/v1/history").json()["rounds"]
     assert [r["agents"] for r in history] == [0, 3, 3, 3]
     assert [r["samples"] for r in history] == [0, 100, 100, 100]
+
+
+def test_overtaken_training_result_is_discarded(
+    make_server: object, agents: list[subprocess.Popen[bytes]]
+) -> None:
+    # One upload closes a round, so the fast agent moves on while the slow one trains.
+    server: Server = make_server(rounds=6, aggregation_threshold=0.5)  # type: ignore[operator]
+    agents.append(start_agent(server, "fast", "engines:ShiftEngine", "--set", "delay=0.3"))
+    server.wait_for(lambda s: s["round"] >= 2)
+    agents.append(start_agent(server, "slow", "engines:ShiftEngine", "--set", "delay=1.0"))
+    server.wait_for(lambda s: s["finished"], timeout=60)
+    for process in agents:
+        assert process.wait(timeout=30) == 0
+    log = (server.root / "slow.log").read_text()
+    assert "discarded" in log, log
+    assert_globals_are_weighted_means(server.data_dir, 6)
