@@ -1,0 +1,111 @@
+"""Seconds per round spent by fedloop itself: real processes, no-op training.
+
+    python bench/round_overhead.py --agents 3 --model-mb 4 --rounds 20
+
+Starts a real aggregator and N real agent processes on loopback whose `train` returns the
+global model unchanged, so every second measured is protocol, storage and scheduling. Prints one
+JSON line: per-round seconds (median, p90, max; the first round, which includes start-up and
+registration, is left out) and the aggregator's peak RSS (VmHWM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from fedloop.demo import free_port, wait_until_up, write_config
+from fedloop.store.db import Store, database_url
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--agents", type=int, default=3)
+    parser.add_argument("--model-mb", type=float, default=4.0)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--mode", choices=["push", "poll"], default="push")
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="fedloop-bench-"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    rounds = args.rounds + 1
+    config = write_config(
+        root / "aggregator.toml",
+        port,
+        root / "data",
+        rounds=rounds,
+        min_agents=args.agents,
+        log_level="warning",
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "fedloop"]
+    with open(root / "aggregator.log", "wb") as log:
+        server = subprocess.Popen(
+            [*cmd, "aggregator", "--config", str(config)], stdout=log, stderr=log, env=env
+        )
+    agents: list[subprocess.Popen[bytes]] = []
+    started = time.monotonic()
+    try:
+        wait_until_up(url, server)
+        for i in range(args.agents):
+            command = [
+                *cmd, "agent", "fedloop.ml.noop:NoopEngine", "--url", url, "--name", f"b{i}",
+                "--workdir", str(root / f"b{i}"), "--mode", args.mode,
+                "--set", f"model_mb={args.model_mb}",
+            ]  # fmt: skip
+            with open(root / f"b{i}.log", "wb") as log:
+                agents.append(subprocess.Popen(command, stdout=log, stderr=log, env=env))
+        while not httpx.get(f"{url}/v1/status", timeout=30).json()["finished"]:
+            if time.monotonic() - started > 600:
+                raise SystemExit(f"timed out; logs in {root}")
+            time.sleep(0.1)
+        peak = peak_rss_mb(server.pid)
+        for agent in agents:
+            agent.wait(timeout=60)
+    finally:
+        for process in [*agents, server]:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=10)
+    store = Store(database_url(root / "data", None))
+    created = [g.created_at for g in store.global_models()]
+    store.close()
+    # Round 1 includes start-up and registration: time rounds 2.. only.
+    per_round = sorted(b - a for a, b in itertools.pairwise(created[1:]))
+    print(
+        json.dumps(
+            {
+                "bench": "round_overhead",
+                "agents": args.agents,
+                "model_mb": args.model_mb,
+                "mode": args.mode,
+                "rounds_timed": len(per_round),
+                "seconds_per_round_median": round(statistics.median(per_round), 4),
+                "seconds_per_round_p90": round(per_round[int(0.9 * (len(per_round) - 1))], 4),
+                "seconds_per_round_max": round(per_round[-1], 4),
+                "aggregator_peak_rss_mb": round(peak, 1),
+                "cpu_count": os.cpu_count(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
