@@ -1,0 +1,1 @@
+"""Transport security and identity: TLS certificates, enrollment tokens, credentials."""
