@@ -37,13 +37,15 @@ class AgentState:
     finished: bool = False
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
+    """Replace `path` with `data` in one step; a crash leaves the old or the new file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -75,15 +77,19 @@ class StateDir:
         _atomic_write(self.state_file, json.dumps(asdict(state), indent=1).encode())
 
     def save_global(self, data: bytes) -> None:
-        _atomic_write(self.global_file, data)
+        # No fsync: a process crash keeps the page cache, and after a power loss a damaged
+        # copy is fetched again from the aggregator (see Agent._train).
+        _atomic_write(self.global_file, data, durable=False)
 
     def load_global(self) -> Weights:
         return codec.decode(self.global_file.read_bytes())
 
     def save_local(self, data: bytes, meta: dict[str, Any]) -> None:
         # The model first, then its metadata: metadata present implies the model is complete.
-        _atomic_write(self.local_file, data)
-        _atomic_write(self.local_meta, json.dumps(meta).encode())
+        # Not fsynced either: a model damaged by a power loss is refused as bad_model by the
+        # aggregator and the agent goes back to waiting (it never uploads garbage silently).
+        _atomic_write(self.local_file, data, durable=False)
+        _atomic_write(self.local_meta, json.dumps(meta).encode(), durable=False)
 
     def load_local(self) -> tuple[bytes, dict[str, Any]] | None:
         if not self.local_meta.exists() or not self.local_file.exists():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from fedloop.strategies.base import (
     Array,
     RoundConfig,
@@ -15,16 +17,23 @@ from fedloop.strategies.base import (
     float_keys,
     param_float,
     sample_fractions,
-    stack,
-    weighted_sum,
 )
 from fedloop.types import Weights
 
 
 def weighted_mean(updates: Sequence[Update], keys: Sequence[str]) -> dict[str, Array]:
-    """Return sum_i (n_i / sum n) * y_i for each named tensor, in float64."""
+    """Return sum_i (n_i / sum n) * y_i for each named tensor, in float64.
+
+    Folded one update at a time: memory is one float64 copy of the model, not n of them.
+    """
     fractions = sample_fractions(updates)
-    return {key: weighted_sum(stack(updates, key), fractions) for key in keys}
+    out: dict[str, Array] = {}
+    for key in keys:
+        total = np.zeros(np.shape(updates[0].weights[key]), dtype=np.float64)
+        for fraction, update in zip(fractions, updates, strict=True):
+            total += np.float64(fraction) * np.asarray(update.weights[key])
+        out[key] = total
+    return out
 
 
 def fedavg(updates: Sequence[Update]) -> Weights:
