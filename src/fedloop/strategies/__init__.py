@@ -9,6 +9,7 @@ from typing import Any
 from fedloop.errors import ConfigError
 from fedloop.strategies.async_ import FedAsync, FedBuff
 from fedloop.strategies.base import RunningMean, Strategy, Update
+from fedloop.strategies.dp import DPFedAvg
 from fedloop.strategies.fedavg import FedAvg, FedProx, fedavg
 from fedloop.strategies.fedcurv import FedCurv
 from fedloop.strategies.fednova import FedNova
@@ -43,6 +44,7 @@ _REGISTRY: dict[str, type[Strategy]] = {
         GeometricMedian,
         FedAsync,
         FedBuff,
+        DPFedAvg,
     )
 }
 
@@ -122,6 +124,7 @@ def _instantiate(cls: type[Strategy], label: str, params: dict[str, Any]) -> Str
 
 __all__ = [
     "Bulyan",
+    "DPFedAvg",
     "FedAdagrad",
     "FedAdam",
     "FedAsync",

@@ -89,6 +89,7 @@ def test_available_lists_every_method() -> None:
         "geometric_median",
         "fedasync",
         "fedbuff",
+        "dp_fedavg",
     }
     for name in available():
         assert create(name).name == name
