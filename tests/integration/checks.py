@@ -1,4 +1,4 @@
-"""Reads an aggregator's SQLite file and blobs the way an auditor would."""
+"""Reads an aggregator's database (SQLite file or PostgreSQL) and blobs the way an auditor would."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ from fedloop.store.blobs import BlobStore
 from fedloop.store.db import Store, database_url
 
 
-def assert_globals_are_weighted_means(data_dir: Path, rounds: int) -> None:
-    """Every global model r ≥ 1 equals numpy's sample-weighted mean of round r's local models."""
-    store = Store(database_url(data_dir, None))
+def assert_globals_are_weighted_means(data_dir: Path, rounds: int, url: str | None = None) -> None:
+    """Every global model r ≥ 1 equals numpy's sample-weighted mean of round r's local models.
+
+    `url` is the aggregator's `database_url`; without it, the SQLite file in `data_dir`.
+    """
+    store = Store(database_url(data_dir, url))
     blobs = BlobStore(data_dir / "blobs")
     try:
         globals_ = {g.round: g for g in store.global_models()}

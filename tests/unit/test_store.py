@@ -1,14 +1,62 @@
-"""The store on a real SQLite file: rows, transactions, blobs."""
+"""The store on a real SQLite file and a real PostgreSQL server: rows, transactions, schema.
+
+Every database test runs on SQLite and on PostgreSQL; PostgreSQL tests skip, saying why, when
+FEDLOOP_TEST_POSTGRES_URL is not set (.ci/run sets it). Each gets a fresh file or schema.
+"""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import NullPool
 
+from fedloop.errors import FedloopError
 from fedloop.store.blobs import BlobStore, blob_id
-from fedloop.store.db import DuplicateUpload, GlobalModelRow, LocalModelRow, Store, database_url
+from fedloop.store.db import (
+    Base,
+    DuplicateUpload,
+    GlobalModelRow,
+    LocalModelRow,
+    Store,
+    database_url,
+    driver_url,
+    head_revision,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "postgres"))
+from pgschema import fresh_schema, postgres_url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh database: a new SQLite file, or a new schema on the PostgreSQL test server."""
+    if request.param == "sqlite":
+        yield database_url(tmp_path, None)
+    else:
+        with fresh_schema(postgres_url()) as scoped:
+            yield scoped
+
+
+def _sql(url: str, *statements: str) -> list[tuple[object, ...]]:
+    """Run raw SQL outside the Store; return the last statement's rows."""
+    engine = create_engine(driver_url(url), poolclass=NullPool)
+    rows: list[tuple[object, ...]] = []
+    try:
+        with engine.begin() as connection:
+            for statement in statements:
+                result = connection.execute(text(statement))
+                rows = [tuple(r) for r in result] if result.returns_rows else []
+    finally:
+        engine.dispose()
+    return rows
 
 
 def _global(round_number: int, model_id: str) -> GlobalModelRow:
@@ -24,8 +72,7 @@ def _global(round_number: int, model_id: str) -> GlobalModelRow:
     )
 
 
-def test_rounds_agents_and_models_persist_across_reopen(tmp_path: Path) -> None:
-    url = database_url(tmp_path, None)
+def test_rounds_agents_and_models_persist_across_reopen(url: str) -> None:
     store = Store(url)
     store.add_agent("a", "site-a")
     store.start_round(1, now=10.0)
@@ -57,8 +104,8 @@ def test_rounds_agents_and_models_persist_across_reopen(tmp_path: Path) -> None:
     again.close()
 
 
-def test_duplicate_upload_is_refused_and_changes_nothing(tmp_path: Path) -> None:
-    store = Store(database_url(tmp_path, None))
+def test_duplicate_upload_is_refused_and_changes_nothing(url: str) -> None:
+    store = Store(url)
     store.add_agent("a", "site-a")
     row = dict(
         agent_id="a",
@@ -74,24 +121,125 @@ def test_duplicate_upload_is_refused_and_changes_nothing(tmp_path: Path) -> None
     with pytest.raises(DuplicateUpload):
         store.add_local_model(LocalModelRow(**row))
     assert store.count_local_models() == 1
+    store.close()
 
 
-def test_commit_global_is_one_transaction(tmp_path: Path) -> None:
-    store = Store(database_url(tmp_path, None))
+def test_commit_global_is_one_transaction(url: str) -> None:
+    store = Store(url)
     store.start_round(1)
     store.commit_global(_global(1, "y" * 64), next_round=2, now=2.0)
     with pytest.raises(IntegrityError):  # same round twice: the whole commit rolls back
         store.commit_global(_global(1, "z" * 64), next_round=3, now=3.0)
     assert store.round(3) is None
     assert store.latest_global().model_id == "y" * 64  # type: ignore[union-attr]
+    store.close()
 
 
-def test_meta_round_trip(tmp_path: Path) -> None:
-    store = Store(database_url(tmp_path, None))
+def test_meta_round_trip(url: str) -> None:
+    store = Store(url)
     assert store.get_meta("k") is None
     store.set_meta("k", [{"name": "w"}])
     store.set_meta("k", [{"name": "v"}])
     assert store.get_meta("k") == [{"name": "v"}]
+    store.close()
+
+
+# The DDL that fedloop 0.1's `Base.metadata.create_all` ran, before there were migrations.
+LEGACY_SCHEMA = """
+CREATE TABLE agents (id VARCHAR(64) NOT NULL, name VARCHAR(128) NOT NULL,
+    registered_at FLOAT NOT NULL, last_seen FLOAT NOT NULL, PRIMARY KEY (id), UNIQUE (name));
+CREATE TABLE global_models (round {serial} NOT NULL, model_id VARCHAR(64) NOT NULL,
+    contributors JSON NOT NULL, total_samples INTEGER NOT NULL, metrics JSON NOT NULL,
+    seconds FLOAT NOT NULL, state_id VARCHAR(64), created_at FLOAT NOT NULL,
+    PRIMARY KEY (round));
+CREATE TABLE meta ("key" VARCHAR(64) NOT NULL, value JSON NOT NULL, PRIMARY KEY ("key"));
+CREATE TABLE rounds (number {serial} NOT NULL, started_at FLOAT NOT NULL, closed_at FLOAT,
+    PRIMARY KEY (number));
+CREATE TABLE evaluations (id {serial} NOT NULL, agent_id VARCHAR(64) NOT NULL,
+    round INTEGER NOT NULL, metrics JSON NOT NULL, created_at FLOAT NOT NULL, PRIMARY KEY (id),
+    UNIQUE (agent_id, round), FOREIGN KEY(agent_id) REFERENCES agents (id));
+CREATE INDEX ix_evaluations_round ON evaluations (round);
+CREATE TABLE local_models (id {serial} NOT NULL, agent_id VARCHAR(64) NOT NULL,
+    round INTEGER NOT NULL, base_round INTEGER NOT NULL, model_id VARCHAR(64) NOT NULL,
+    num_samples INTEGER NOT NULL, metrics JSON NOT NULL, nbytes INTEGER NOT NULL,
+    created_at FLOAT NOT NULL, PRIMARY KEY (id), UNIQUE (agent_id, round),
+    FOREIGN KEY(agent_id) REFERENCES agents (id));
+CREATE INDEX ix_local_models_round ON local_models (round)
+"""
+
+
+def _revision(url: str) -> str | None:
+    engine = create_engine(driver_url(url), poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def test_migrations_make_exactly_the_models_schema(url: str) -> None:
+    Store(url).close()
+    assert _revision(url) == head_revision()
+    engine = create_engine(driver_url(url), poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            from alembic.autogenerate import compare_metadata
+
+            # Models and migrations agree: autogenerate would write an empty revision.
+            assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+            assert "alembic_version" in inspect(connection).get_table_names()
+    finally:
+        engine.dispose()
+
+
+def test_database_made_before_migrations_is_adopted_with_its_rows(url: str) -> None:
+    serial = "SERIAL" if url.startswith("postgresql") else "INTEGER"
+    statements = [s for s in LEGACY_SCHEMA.format(serial=serial).split(";") if s.strip()]
+    _sql(url, *statements, "INSERT INTO agents VALUES ('a', 'site-a', 1.0, 2.0)")
+    assert _revision(url) is None
+
+    store = Store(url)
+    assert [(a.id, a.name, a.last_seen) for a in store.agents()] == [("a", "site-a", 2.0)]
+    store.start_round(1)
+    store.close()
+    assert _revision(url) == head_revision()
+
+
+def test_processes_starting_on_one_new_database_at_once_all_come_up(url: str) -> None:
+    # Each process waits for the same instant, then opens the store (and migrates).
+    start = time.time() + 2.0
+    code = (
+        "import sys, time; from fedloop.store.db import Store\n"
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+        "store = Store(sys.argv[1]); store.set_meta(sys.argv[3], 1); store.close()\n"
+    )
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, url, str(start), f"p{i}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(4)
+    ]
+    outputs = [p.communicate(timeout=60)[0].decode(errors="replace") for p in processes]
+    assert [p.returncode for p in processes] == [0] * 4, "\n".join(outputs)
+    assert _revision(url) == head_revision()
+    store = Store(url)
+    assert [store.get_meta(f"p{i}") for i in range(4)] == [1] * 4
+    store.close()
+
+
+def test_schema_from_a_newer_fedloop_is_refused_with_a_clear_error(url: str) -> None:
+    Store(url).close()
+    _sql(url, "UPDATE alembic_version SET version_num = 'f00d'")
+    with pytest.raises(FedloopError, match="newer fedloop"):
+        Store(url)
+
+
+def test_unreachable_postgres_is_a_clear_error() -> None:
+    # Port 1 on loopback refuses connections; no server is needed for this test.
+    with pytest.raises(FedloopError, match=r"cannot open the database .*\*\*\*@127.0.0.1:1/"):
+        Store("postgresql://user:secret@127.0.0.1:1/fedloop")
 
 
 def test_blob_store_is_content_addressed_and_atomic(tmp_path: Path) -> None:

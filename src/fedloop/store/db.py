@@ -1,16 +1,18 @@
 """Agents, rounds, local and global models, in SQLite (default) or PostgreSQL via SQLAlchemy.
 
 Every write is one transaction; a model's blob is written before the row that names it commits,
-so a crash at any point leaves either no row or a row whose blob exists.
+so a crash at any point leaves either no row or a row whose blob exists. The schema is made and
+changed only by the Alembic migrations in `migrations/`, which `Store` applies on start.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
@@ -22,11 +24,28 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
 )
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import NullPool
+
+from fedloop.errors import FedloopError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+log = logging.getLogger(__name__)
+# Alembic narrates every start at INFO from the moment it is imported (hence the imports inside
+# the functions below); fedloop logs what changed instead (`migrate`).
+if logging.getLogger("alembic").level == logging.NOTSET:
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+# Key of the PostgreSQL advisory lock that serialises migrations of one database.
+_MIGRATION_LOCK = 0x666C6F6F70  # "floop"
 
 
 class Base(DeclarativeBase):
@@ -103,29 +122,149 @@ def database_url(data_dir: str | Path, url: str | None) -> str:
     return f"sqlite:///{Path(data_dir).resolve() / 'fedloop.db'}"
 
 
+def driver_url(url: str) -> str:
+    """Return `url` with the psycopg 3 driver named when it says plain `postgresql://`."""
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return url
+
+
 def _sqlite_pragmas(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
+        # First, so that a second process waits for the lock instead of failing.
+        cursor.execute("PRAGMA busy_timeout=10000")
         # WAL: a crash mid-write rolls back to the last commit; readers never block the writer.
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=10000")
         cursor.close()
+
+
+def alembic_config(url: str | None = None) -> Config:
+    """Return an Alembic config for fedloop's migrations (no alembic.ini needed).
+
+    For a new revision: `alembic.command.revision(alembic_config(url), "message",
+    autogenerate=True)` against a database at the current head.
+    """
+    from alembic.config import Config
+
+    config = Config()
+    # ConfigParser interpolates `%`; a path or password may contain one.
+    config.set_main_option("script_location", str(MIGRATIONS).replace("%", "%%"))
+    if url is not None:
+        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def head_revision() -> str:
+    """Return the newest schema revision this fedloop knows."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def _migration_engine(engine: Engine) -> Engine:
+    """Return an engine on the same database whose transactions lock it for one migrator."""
+    if engine.dialect.name != "sqlite":
+        return engine
+    # pysqlite runs DDL outside any transaction and BEGINs lazily; the SQLAlchemy recipe below
+    # makes the whole migration one `BEGIN IMMEDIATE` transaction, which takes SQLite's write
+    # lock at once, so a second process starting now waits (busy_timeout) and then finds the
+    # schema at head.
+    migrator = create_engine(engine.url, poolclass=NullPool)
+    _sqlite_pragmas(migrator)
+
+    @event.listens_for(migrator, "connect")
+    def _autocommit(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(migrator, "begin")
+    def _begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return migrator
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the database's schema to this fedloop's head revision, in one locked transaction.
+
+    Processes that start on one database at once take turns: SQLite's write lock or a
+    PostgreSQL advisory lock is held from before the version check until the commit.
+    """
+    from alembic import command
+    from alembic.migration import MigrationContext
+
+    config = alembic_config()
+    migrator = _migration_engine(engine)
+    try:
+        with migrator.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+            before = MigrationContext.configure(connection).get_current_revision()
+            existing = before is None and inspect(connection).has_table("agents")
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+            after = MigrationContext.configure(connection).get_current_revision()
+    finally:
+        if migrator is not engine:
+            migrator.dispose()
+    if existing:
+        log.info("database from before migrations adopted as schema revision %s", after)
+    elif before is not None and before != after:
+        log.info("database schema upgraded from revision %s to %s", before, after)
+    elif before is None:
+        log.debug("new database created at schema revision %s", after)
+
+
+def _shown(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparsable URL>"
 
 
 class Store:
     """The database half of the store; every method is one short transaction."""
 
     def __init__(self, url: str) -> None:
+        from alembic.util import CommandError
+
         self.url = url
-        if url.startswith("postgresql://"):
-            url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-        self.engine = create_engine(url, future=True)
+        try:
+            self.engine = create_engine(driver_url(url))
+        except ArgumentError as exc:
+            raise FedloopError(f"database_url {url!r} is not a database URL: {exc}") from exc
+        except ImportError as exc:
+            raise FedloopError(
+                f"the driver for {_shown(url)} is not installed ({exc.name}); "
+                "for PostgreSQL run: pip install 'fedloop[postgres]'"
+            ) from exc
         if self.engine.dialect.name == "sqlite":
             _sqlite_pragmas(self.engine)
-        Base.metadata.create_all(self.engine)
+        try:
+            migrate(self.engine)
+        except OperationalError as exc:
+            self.engine.dispose()
+            raise FedloopError(
+                f"cannot open the database {_shown(url)}: {str(exc.orig).strip()}; "
+                "check that its server runs and that the URL, user and password are right"
+            ) from exc
+        except DBAPIError as exc:
+            self.engine.dispose()
+            raise FedloopError(
+                f"cannot bring the schema of {_shown(url)} up to date: {str(exc.orig).strip()}; "
+                "the database may have been changed by hand, or the user may lack rights"
+            ) from exc
+        except CommandError as exc:
+            self.engine.dispose()
+            raise FedloopError(
+                f"the database {_shown(url)} has a schema this fedloop does not know ({exc}); "
+                f"it was written by a newer fedloop, so upgrade fedloop"
+            ) from exc
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:
