@@ -1,0 +1,488 @@
+"""fedloop vs Flower: seconds per round and server peak memory on the same no-training workload.
+
+    python bench/vs_flower.py --quick                       # N ∈ {2, 10}, 4 MB, sim + deploy
+    python bench/vs_flower.py                               # every case that fits
+    python bench/vs_flower.py --cases 'deploy:100:*,sim:*:100' --rounds 5
+    python bench/vs_flower.py --flower-venv /tmp/fedloop-bench-flower   # (the default)
+
+Cases are MODE:AGENTS:MODEL_MB with MODE ∈ {sim, deploy}, AGENTS ∈ {2, 10, 100}, MODEL_MB ∈
+{4, 100}; `*` matches anything. Every case runs both systems, one after the other, each in fresh
+processes, and prints one JSON line: both systems' seconds per round (median over rounds 2..R;
+round 1 includes start-up and registration), the server's peak RSS (VmHWM from
+/proc/PID/status), `ratio` = flower_seconds / fedloop_seconds and `memory_ratio` =
+flower_mb / fedloop_mb. A case that cannot run here is printed with `skipped` and the reason;
+a run that fails is printed with `error`; no figure is ever estimated.
+
+The workload: a model of MODEL_MB MB of float32 in four tensors (fedloop.ml.noop.NoopEngine),
+FedAvg over all agents every round, "training" that returns the received weights unchanged,
+no evaluation. What is timed is therefore each system's own cost: transport, (de)serialisation,
+storage, aggregation, scheduling.
+
+fedloop
+  deploy  a real `python -m fedloop aggregator` (SQLite + blob store in a temp dir) and N real
+          `python -m fedloop agent fedloop.ml.noop:NoopEngine --set model_mb=S` processes (push
+          mode) on loopback: one process per agent, as in bench/round_overhead.py, whose helpers
+          this script imports. Round times come from the store's global-model timestamps.
+  sim     `fedloop.sim` when it exists (see `fedloop_sim_driver` in the output); otherwise an
+          in-process driver of `fedloop.aggregator.service.Aggregator` (asyncio, no HTTP): each
+          virtual agent decodes the global model's safetensors bytes, "trains", encodes and
+          calls `Aggregator.upload`, at most os.cpu_count() at a time (as many as Flower's Ray
+          actors). Server memory = that one process's VmHWM (agents included).
+Flower (flwr, installed into its own venv on first use; helpers in bench/flower_side/)
+  deploy  legacy `flwr.server.start_server` + N `flwr.client.start_client` processes
+          (gRPC "grpc-bidi", max message 1 GiB), a NumPyClient whose fit returns its input.
+  sim     legacy `flwr.simulation.start_simulation` (Ray, one actor per core, num_cpus=1 per
+          client). Server memory = the driver process's VmHWM; Ray's own processes not counted.
+  Both use FedAvg(fraction_fit=1, fraction_evaluate=0, min_fit_clients=N,
+  min_available_clients=N, initial_parameters=the same arrays); round end = end of
+  aggregate_fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fnmatch
+import importlib.util
+import itertools
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+FLOWER_HELPER = HERE / "flower_side" / "flower_bench.py"
+DEFAULT_FLOWER_VENV = Path(tempfile.gettempdir()) / "fedloop-bench-flower"
+FLOWER_REQUIREMENT = "flwr[simulation]"
+
+MODES = ("sim", "deploy")
+AGENTS = (2, 10, 100)
+SIZES = (4, 100)
+QUICK = [f"{m}:{n}:4" for m in MODES for n in (2, 10)]
+
+sys.path.insert(0, str(HERE))
+from round_overhead import peak_rss_mb  # noqa: E402
+
+# --- memory planning ----------------------------------------------------------------------
+# Rough per-process figures measured on the reference machine (MB): an idle Python process
+# with the system imported, and how many copies of the model each side holds at its peak.
+# Only used to refuse cases that cannot fit, never reported as a measurement.
+IDLE_MB = {
+    ("fedloop", "agent"): 60, ("fedloop", "server"): 90, ("fedloop", "sim"): 120,
+    ("flower", "agent"): 110, ("flower", "server"): 240, ("flower", "sim"): 300,
+}  # fmt: skip
+
+
+def estimated_mb(system: str, mode: str, agents: int, model_mb: float) -> float:
+    """Peak memory of the whole run (all processes), pessimistic; for skipping only."""
+    cpus = os.cpu_count() or 1
+    if mode == "deploy":
+        # Measured at 10 agents × 100 MB: Flower's server ≈ 7.5 GB (≈ 7 copies per client) and
+        # each Flower client ≈ 1.1-1.4 GB (≈ 11 copies); fedloop ≈ 1 copy per agent.
+        if system == "flower":
+            server = IDLE_MB[(system, "server")] + model_mb * (3 + 8 * agents)
+            return server + agents * (IDLE_MB[(system, "agent")] + 12 * model_mb)
+        server = IDLE_MB[(system, "server")] + model_mb * (3 + agents)
+        return server + agents * (IDLE_MB[(system, "agent")] + 4 * model_mb)
+    if system == "fedloop":
+        return IDLE_MB[(system, "sim")] + model_mb * (3 + agents + 3 * cpus)
+    # Flower's driver keeps every result as bytes and as arrays; Ray actors and object store.
+    return IDLE_MB[(system, "sim")] + model_mb * (3 + 2 * agents) + cpus * (300 + 3 * model_mb)
+
+
+def available_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return float("inf")
+
+
+# --- helpers ------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def per_round(stamps: list[float]) -> list[float]:
+    """Seconds of rounds 2..R from the instants rounds 1..R ended."""
+    return sorted(b - a for a, b in itertools.pairwise(stamps))
+
+
+def summary(durations: list[float]) -> dict[str, Any]:
+    if not durations:
+        return {"seconds_per_round": None, "rounds_timed": 0}
+    return {
+        "seconds_per_round": round(statistics.median(durations), 4),
+        "seconds_per_round_p90": round(durations[int(0.9 * (len(durations) - 1))], 4),
+        "seconds_per_round_max": round(durations[-1], 4),
+        "rounds_timed": len(durations),
+    }
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def log_tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# --- Flower -------------------------------------------------------------------------------
+def ensure_flower(venv: Path) -> str:
+    """Return the Flower venv's python, creating the venv and installing flwr if needed."""
+    python = venv / "bin" / "python"
+    probe = [str(python), "-c", "import flwr, ray; print(flwr.__version__)"]
+    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return str(python)
+    print(f"# installing {FLOWER_REQUIREMENT} into {venv} (once)", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", FLOWER_REQUIREMENT], check=True
+    )
+    subprocess.run(probe, check=True, capture_output=True)
+    return str(python)
+
+
+def flower_version(python: str) -> str:
+    out = subprocess.run(
+        [python, "-c", "import flwr, ray, grpc; print(flwr.__version__, ray.__version__, "
+         "grpc.__version__)"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    flwr, ray, grpc = out.stdout.split()
+    return f"flwr {flwr}, ray {ray}, grpcio {grpc}"
+
+
+def run_flower(python: str, mode: str, agents: int, model_mb: float, rounds: int,
+               timeout: float) -> dict[str, Any]:  # fmt: skip
+    root = Path(tempfile.mkdtemp(prefix="fedloop-vs-flower-"))
+    out = root / "result.json"
+    common = ["--agents", str(agents), "--model-mb", str(model_mb), "--rounds", str(rounds)]
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        if mode == "sim":
+            with open(root / "sim.log", "wb") as log:
+                server = subprocess.Popen(
+                    [python, str(FLOWER_HELPER), "sim", *common, "--out", str(out)],
+                    stdout=log, stderr=log, env=env(), cwd=root,
+                )  # fmt: skip
+            processes.append(server)
+            server.wait(timeout=timeout)
+            log_path = root / "sim.log"
+        else:
+            port = free_port()
+            with open(root / "server.log", "wb") as log:
+                server = subprocess.Popen(
+                    [python, str(FLOWER_HELPER), "server", *common, "--port", str(port),
+                     "--out", str(out)],
+                    stdout=log, stderr=log, env=env(), cwd=root,
+                )  # fmt: skip
+            processes.append(server)
+            for i in range(agents):
+                client = [python, str(FLOWER_HELPER), "client", "--model-mb", str(model_mb),
+                          "--port", str(port)]  # fmt: skip
+                with open(root / f"c{i}.log", "wb") as log:
+                    processes.append(
+                        subprocess.Popen(client, stdout=log, stderr=log, env=env(), cwd=root)
+                    )
+            server.wait(timeout=timeout)
+            log_path = root / "server.log"
+        if not out.exists():
+            return {"error": f"Flower exited {server.returncode}: {log_tail(log_path)}"}
+        result = json.loads(out.read_text())
+        stamps = result["round_ends"]
+        if len(stamps) < rounds:
+            return {"error": f"Flower finished only {len(stamps)} of {rounds} rounds"}
+        shutil.rmtree(root, ignore_errors=True)
+        return {
+            **summary(per_round(stamps)),
+            "server_peak_rss_mb": result["server_peak_rss_mb"],
+            "first_round_s": round(stamps[0] - result["start"], 2),
+        }
+    except subprocess.TimeoutExpired:
+        return {"error": f"Flower did not finish {rounds} rounds in {timeout:.0f} s; logs {root}"}
+    finally:
+        stop(processes)
+
+
+# --- fedloop ------------------------------------------------------------------------------
+def run_fedloop_deploy(agents: int, model_mb: float, rounds: int, timeout: float) -> dict[str, Any]:
+    import httpx
+
+    from fedloop.demo import wait_until_up, write_config
+    from fedloop.store.db import Store, database_url
+
+    root = Path(tempfile.mkdtemp(prefix="fedloop-vs-flower-"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = write_config(
+        root / "aggregator.toml", port, root / "data", rounds=rounds, min_agents=agents,
+        log_level="warning",
+    )  # fmt: skip
+    cmd = [sys.executable, "-m", "fedloop"]
+    with open(root / "aggregator.log", "wb") as log:
+        server = subprocess.Popen(
+            [*cmd, "aggregator", "--config", str(config)], stdout=log, stderr=log, env=env()
+        )
+    processes: list[subprocess.Popen[bytes]] = [server]
+    started = time.time()
+    try:
+        wait_until_up(url, server)
+        for i in range(agents):
+            command = [
+                *cmd, "agent", "fedloop.ml.noop:NoopEngine", "--url", url, "--name", f"b{i}",
+                "--workdir", str(root / f"b{i}"), "--mode", "push",
+                "--set", f"model_mb={model_mb}",
+            ]  # fmt: skip
+            with open(root / f"b{i}.log", "wb") as log:
+                processes.append(subprocess.Popen(command, stdout=log, stderr=log, env=env()))
+        while True:
+            if server.poll() is not None:
+                return {"error": f"aggregator exited: {log_tail(root / 'aggregator.log')}"}
+            try:
+                if httpx.get(f"{url}/v1/status", timeout=30).json()["finished"]:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.time() - started > timeout:
+                return {"error": f"fedloop did not finish {rounds} rounds in {timeout:.0f} s; "
+                        f"logs {root}"}  # fmt: skip
+            time.sleep(0.1)
+        peak = peak_rss_mb(server.pid)
+    finally:
+        stop([*processes[1:], server])
+    store = Store(database_url(root / "data", None))
+    created = sorted(g.created_at for g in store.global_models() if g.round >= 1)
+    store.close()
+    shutil.rmtree(root, ignore_errors=True)
+    return {
+        **summary(per_round(created)),
+        "server_peak_rss_mb": round(peak, 1),
+        "first_round_s": round(created[0] - started, 2),
+    }
+
+
+def fedloop_sim_driver() -> str:
+    if importlib.util.find_spec("fedloop.sim") is not None:
+        return "fedloop.sim.run + LocalBackend"
+    return "Aggregator in-process, own driver (fedloop.sim not importable)"
+
+
+async def _sim(agents: int, model_mb: float, rounds: int, data_dir: Path) -> list[float]:
+    """Drive an in-process Aggregator with `agents` virtual no-op agents; return round ends."""
+    from fedloop.aggregator.service import Aggregator
+    from fedloop.config import AggregatorConfig
+    from fedloop.ml.noop import NoopEngine
+    from fedloop.protocol import codec
+    from fedloop.protocol.messages import RegisterRequest, UploadRequest
+
+    engine = NoopEngine(model_mb=model_mb)
+    config = AggregatorConfig(
+        data_dir=data_dir, min_agents=agents, rounds=rounds, log_level="warning"
+    )
+    agg = Aggregator(config)
+    await agg.start()
+    ids = []
+    for i in range(agents):
+        body = codec.encode(engine.initial_weights()) if i == 0 else b""
+        ids.append((await agg.register(RegisterRequest(agent_name=f"v{i}"), body)).agent_id)
+    slots = asyncio.Semaphore(os.cpu_count() or 1)
+
+    def train(data: bytes) -> tuple[bytes, int, dict[str, float]]:
+        weights, n, metrics = engine.train(codec.decode(data), {})
+        return codec.encode(weights), n, dict(metrics)
+
+    async def agent(agent_id: str, round_number: int, data: bytes) -> None:
+        async with slots:
+            body, n, metrics = await asyncio.to_thread(train, data)
+            await agg.upload(UploadRequest(agent_id=agent_id, round=round_number,
+                                           num_samples=n, metrics=metrics), body)  # fmt: skip
+
+    ends: list[float] = []
+    for r in range(1, rounds + 1):
+        model = agg.global_model
+        assert model is not None and model.round == r - 1
+        await asyncio.gather(*(agent(a, r, model.data) for a in ids))
+        if await agg.wait_for_global(r - 1, timeout=600) is None:
+            raise RuntimeError(f"round {r} did not close")
+        ends.append(time.time())
+    await agg.stop()
+    return ends
+
+
+def _sim_fedloop_sim(agents: int, model_mb: float, rounds: int, data_dir: Path) -> dict[str, Any]:
+    """Run `fedloop.sim` (LocalBackend: its default process pool) and return round ends."""
+    from fedloop.sim import LocalBackend, Observer, SimSettings, run
+
+    class Stamps(Observer):
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+
+        def on_round_end(self, summary: Any) -> None:
+            self.ends.append(time.time())
+
+    stamps = Stamps()
+    backend = LocalBackend()
+    result = run(
+        SimSettings("fedloop.ml.noop:NoopEngine", num_agents=agents, rounds=rounds,
+                    params={"model_mb": model_mb}, data_dir=data_dir, evaluate=False),
+        backend, stamps,
+    )  # fmt: skip
+    return {
+        "round_ends": stamps.ends,
+        "worker_peak_rss_mb": round(result.worker_peak_rss_mb, 1),
+        "backend": backend.describe(),
+    }
+
+
+def sim_child(agents: int, model_mb: float, rounds: int) -> None:
+    """Run one fedloop simulation in this (fresh) process and print its JSON result."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    root = Path(tempfile.mkdtemp(prefix="fedloop-vs-flower-sim-"))
+    started = time.time()
+    try:
+        if importlib.util.find_spec("fedloop.sim") is not None:
+            out = _sim_fedloop_sim(agents, model_mb, rounds, root / "data")
+        else:
+            out = {"round_ends": asyncio.run(_sim(agents, model_mb, rounds, root / "data"))}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    out.update(start=started, server_peak_rss_mb=round(peak_rss_mb(os.getpid()), 1))
+    print(json.dumps(out))
+
+
+def run_fedloop_sim(agents: int, model_mb: float, rounds: int, timeout: float) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--_sim-child", f"{agents}:{model_mb}:{rounds}"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env())
+    except subprocess.TimeoutExpired:
+        return {"error": f"fedloop sim did not finish {rounds} rounds in {timeout:.0f} s"}
+    if done.returncode != 0:
+        return {"error": f"fedloop sim exited {done.returncode}: "
+                + " | ".join(done.stderr.strip().splitlines()[-3:])}  # fmt: skip
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    stamps = result["round_ends"]
+    out = {
+        **summary(per_round(stamps)),
+        "server_peak_rss_mb": result["server_peak_rss_mb"],
+        "first_round_s": round(stamps[0] - result["start"], 2),
+    }
+    for key in ("worker_peak_rss_mb", "backend"):
+        if key in result:
+            out[key] = result[key]
+    return out
+
+
+# --- the run ------------------------------------------------------------------------------
+def selected(patterns: list[str]) -> list[tuple[str, int, int]]:
+    out = []
+    for mode, n, s in itertools.product(MODES, AGENTS, SIZES):
+        name = f"{mode}:{n}:{s}"
+        if any(fnmatch.fnmatchcase(name, p.strip()) for p in patterns):
+            out.append((mode, n, s))
+    return out
+
+
+def rounds_for(agents: int, model_mb: float, requested: int | None) -> int:
+    if requested:
+        return requested
+    return 10 if agents * model_mb <= 100 else 5
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    parser.add_argument("--cases", default="", help="comma-separated MODE:AGENTS:MB, * allowed")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds per run (default 10, or 5 where agents × MB > 100)")
+    parser.add_argument("--flower-venv", type=Path, default=DEFAULT_FLOWER_VENV)
+    parser.add_argument("--time-budget", type=float, default=3600.0,
+                        help="seconds; cases that would start after it are skipped")
+    parser.add_argument("--case-timeout", type=float, default=900.0,
+                        help="seconds per system per case")
+    parser.add_argument("--memory-fraction", type=float, default=0.7,
+                        help="skip a case whose estimated peak exceeds this × MemAvailable")
+    parser.add_argument("--_sim-child", dest="sim_child", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()  # fmt: skip
+
+    if args.sim_child:
+        n, mb, r = args.sim_child.split(":")
+        sim_child(int(n), float(mb), int(r))
+        return
+
+    patterns = QUICK if args.quick else (args.cases.split(",") if args.cases else ["*"])
+    cases = selected(patterns)
+    if not cases:
+        raise SystemExit(f"no case matches {patterns}")
+    flower_python = ensure_flower(args.flower_venv)
+    versions = flower_version(flower_python)
+    began = time.monotonic()
+    for mode, agents, model_mb in cases:
+        rounds = rounds_for(agents, model_mb, args.rounds)
+        line: dict[str, Any] = {
+            "bench": "vs_flower", "case": f"{mode}:{agents}:{model_mb}", "mode": mode,
+            "agents": agents, "model_mb": model_mb, "rounds": rounds,
+        }  # fmt: skip
+        need = max(estimated_mb(s, mode, agents, model_mb) for s in ("fedloop", "flower"))
+        budget = args.memory_fraction * available_mb()
+        if need > budget:
+            line["skipped"] = (
+                f"estimated peak memory of the run ≈ {need / 1024:.1f} GiB exceeds "
+                f"{args.memory_fraction:.0%} of MemAvailable ({budget / 1024:.1f} GiB)"
+            )
+        elif time.monotonic() - began > args.time_budget:
+            line["skipped"] = f"time budget of {args.time_budget:.0f} s used up"
+        else:
+            if mode == "sim":
+                fedloop = run_fedloop_sim(agents, model_mb, rounds, args.case_timeout)
+                fedloop["driver"] = fedloop_sim_driver()
+            else:
+                fedloop = run_fedloop_deploy(agents, model_mb, rounds, args.case_timeout)
+                fedloop["driver"] = f"{agents} agent processes + aggregator process"
+            flower = run_flower(flower_python, mode, agents, model_mb, rounds, args.case_timeout)
+            flower["driver"] = (
+                "legacy start_simulation (Ray)" if mode == "sim"
+                else f"legacy start_server + {agents} start_client processes (grpc-bidi)"
+            )  # fmt: skip
+            line["fedloop"], line["flower"] = fedloop, flower
+            f_s, w_s = fedloop.get("seconds_per_round"), flower.get("seconds_per_round")
+            f_m, w_m = fedloop.get("server_peak_rss_mb"), flower.get("server_peak_rss_mb")
+            line["ratio"] = round(w_s / f_s, 2) if f_s and w_s else None
+            line["memory_ratio"] = round(w_m / f_m, 2) if f_m and w_m else None
+            line["meets_speed_target"] = None if line["ratio"] is None else line["ratio"] >= 5
+            line["meets_memory_target"] = (
+                None if line["memory_ratio"] is None else f_m <= w_m
+            )
+        line["flower_versions"] = versions
+        line["cpu_count"] = os.cpu_count()
+        print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()
