@@ -38,3 +38,20 @@ class ShiftEngine:
 
     def evaluate(self, weights: Weights, config: dict[str, Any]) -> dict[str, float]:
         return {"mean": float(np.mean(weights["w"]))}
+
+
+class GatedShiftEngine(ShiftEngine):
+    """A ShiftEngine whose training waits until the file `gate` exists: every agent of a test
+    registers first, then all start together, however slowly their processes came up."""
+
+    def __init__(self, gate: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gate = gate
+
+    def train(
+        self, weights: Weights, config: dict[str, Any]
+    ) -> tuple[Weights, int, dict[str, float]]:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(self.gate) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return super().train(weights, config)

@@ -22,6 +22,8 @@ T = TypeVar("T")
 
 # Refusals after which a trained model is dropped: a newer global model overtook it.
 _OVERTAKEN = {"round_closed", "round_not_open", "duplicate_upload", "run_finished"}
+# Refusals of a local model damaged on disk (e.g. by a power loss): drop it, wait for the next.
+_DAMAGED = {"bad_model", "wrong_names", "wrong_shape", "wrong_dtype"}
 
 
 @runtime_checkable
@@ -69,6 +71,12 @@ class Agent:
         self.stop_event = threading.Event()
         self.push: PushListener | None = None
         self.state = self.dir.load(name)
+        # Set by the aggregator at registration: stale local models are still welcome.
+        self.asynchronous = False
+        # The global model an accepted upload goes into must exist before training again
+        # (async mode: with a buffer, the current global model is not it). Not persisted: after
+        # a restart the aggregator refuses the one duplicate this can cause.
+        self._wait_after = -1
 
     # --- helpers --------------------------------------------------------------------------
     def _call(self, action: Callable[[], T]) -> T:
@@ -93,8 +101,14 @@ class Agent:
         weights = None if self.state.agent_id else self._initial_weights()
         reply = self._call(lambda: self.client.register(self.name, weights))
         self.state.agent_id = reply.agent_id
+        self.asynchronous = reply.asynchronous
         self.dir.save(self.state)
-        log.info("registered as %s; aggregator at round %d", reply.agent_id, reply.round)
+        log.info(
+            "registered as %s; aggregator at round %d%s",
+            reply.agent_id,
+            reply.round,
+            " (asynchronous)" if reply.asynchronous else "",
+        )
         return reply.agent_id
 
     def run(self) -> AgentState:
@@ -125,7 +139,7 @@ class Agent:
         return self.max_rounds is not None and self.state.rounds_trained >= self.max_rounds
 
     def _wait_for_global(self) -> None:
-        held = self.state.global_round
+        held = max(self.state.global_round, self._wait_after)
         if self.push is not None and self.push.connected:
             if not self.push.wait_beyond(held, 1.0):
                 return
@@ -156,7 +170,11 @@ class Agent:
 
     def _train(self) -> None:
         self._enter(Phase.TRAINING)
-        weights = self.dir.load_global()
+        try:
+            weights = self.dir.load_global()
+        except (OSError, FedloopError):  # missing or damaged on disk: fetch that round again
+            round_number = self.state.global_round
+            weights = self._call(lambda: self.client.global_model(round_number))
         config = {**self.state.config, "round": self.state.global_round + 1}
         new, num_samples, metrics = self.engine.train(weights, config)
         meta = {
@@ -173,7 +191,11 @@ class Agent:
             self._enter(Phase.WAITING_GM)
             return
         data, meta = pending
-        if self.push is not None and self.push.announced > self.state.global_round:
+        if (
+            not self.asynchronous
+            and self.push is not None
+            and self.push.announced > self.state.global_round
+        ):
             log.info(
                 "local model of round %d overtaken by a newer global model; discarded",
                 meta["round"],
@@ -188,9 +210,11 @@ class Agent:
                     )
                 )
                 self.state.rounds_trained += 1
+                if self.asynchronous:
+                    self._wait_after = max(self._wait_after, reply.round - 1)
                 log.info("round %d: uploaded (%d/%d)", reply.round, reply.uploads, reply.needed)
             except Refused as exc:
-                if exc.code not in _OVERTAKEN:
+                if exc.code not in _OVERTAKEN | _DAMAGED:
                     raise
                 log.info("local model of round %d discarded: %s", meta["round"], exc)
         self.dir.clear_local()

@@ -2,6 +2,12 @@
 
 All state changes happen under one asyncio lock and are committed to the store before they are
 visible, so a process killed at any instant restarts into a state it had already committed.
+
+Two modes, chosen by the strategy's ``asynchronous`` flag (docs/decisions/0003-async-mode.md):
+synchronous rounds with a barrier, or asynchronous buffering, where uploads trained on any
+global model up to the current one are accepted (stale ones weighted by the strategy) and every
+``buffer_size`` of them make the next global model. Either way ``self.round`` is the number the
+next global model will get, and a local model's row is filed under it.
 """
 
 from __future__ import annotations
@@ -89,6 +95,9 @@ class Aggregator:
         self.round_started = 0.0
         self.global_model: GlobalModel | None = None
         self.pending: dict[str, Update] = {}
+        self.asynchronous = bool(self.strategy.asynchronous)
+        # Async mode: the newest base model each agent uploaded from, to refuse duplicates.
+        self.last_base: dict[str, int] = {}
         self.closing = False
         self.finished = False
         self.subscribers: set[asyncio.Queue[PushMessage]] = set()
@@ -138,6 +147,11 @@ class Aggregator:
                 )
         elif self.global_model is not None:
             self.round = self.global_model.round + 1
+        if self.asynchronous:
+            for row in self.store.local_models():
+                self.last_base[row.agent_id] = max(
+                    row.base_round, self.last_base.get(row.agent_id, -1)
+                )
         self._collect_orphans()
         if self.round:
             log.info(
@@ -161,6 +175,11 @@ class Aggregator:
         return -1 if self.global_model is None else self.global_model.round
 
     def needed(self) -> int:
+        if self.asynchronous:
+            # An agent waits for a newer global model after each upload, so a buffer larger
+            # than the number of agents would never fill; min_agents still bounds it below.
+            buffer = min(self.strategy.buffer_size, len(self.agents))
+            return max(1, self.config.min_agents, buffer)
         return needed_uploads(
             self.config.aggregation_threshold, len(self.agents), self.config.min_agents
         )
@@ -179,6 +198,7 @@ class Aggregator:
             deadline_in=deadline,
             finished=self.finished,
             strategy=self.strategy.name,
+            asynchronous=self.asynchronous,
         )
 
     def global_info(self) -> GlobalModelInfo:
@@ -262,6 +282,7 @@ class Aggregator:
                 round=self.round,
                 global_round=self.global_round,
                 finished=self.finished,
+                asynchronous=self.asynchronous,
             )
 
     def _bootstrap(self, agent_id: str, name: str, weights: Weights, now: float) -> None:
@@ -305,6 +326,9 @@ class Aggregator:
                 409,
                 "run_finished",
             )
+        if self.asynchronous:
+            self._check_async(agent_id, round_number)
+            return
         if round_number < self.round or (round_number == self.round and self.closing):
             raise ProtocolError(
                 f"round {round_number} is closed; the current round is {self.round} — fetch "
@@ -325,6 +349,30 @@ class Aggregator:
                 "duplicate_upload",
             )
 
+    def _check_async(self, agent_id: str, round_number: int) -> None:
+        """Accept any base model up to the current global one, once per agent and base model."""
+        base = round_number - 1
+        if base > self.global_round:
+            raise ProtocolError(
+                f"global model {base} does not exist yet; the latest is {self.global_round}",
+                409,
+                "round_not_open",
+            )
+        if agent_id in self.pending:
+            raise ProtocolError(
+                f"agent {agent_id} already has a local model in the buffer of global model "
+                f"{self.round}; wait for that global model and train on it",
+                409,
+                "duplicate_upload",
+            )
+        if base <= self.last_base.get(agent_id, -1):
+            raise ProtocolError(
+                f"agent {agent_id} already uploaded a local model trained on global model "
+                f"{self.last_base[agent_id]}; train on a newer global model",
+                409,
+                "duplicate_upload",
+            )
+
     async def upload(self, request: UploadRequest, body: bytes | bytearray) -> UploadResponse:
         """Accept a local model for the current round, or refuse it with the reason."""
         self.known_agent(request.agent_id)
@@ -335,11 +383,13 @@ class Aggregator:
         async with self.lock:
             self._check_round(request.agent_id, request.round)  # may have changed while decoding
             now = time.time()
+            # Synchronous uploads are trained on the current global model by construction.
+            base = request.round - 1 if self.asynchronous else self.global_round
             model_id = await asyncio.to_thread(self.blobs.put, body)
             row = LocalModelRow(
                 agent_id=request.agent_id,
-                round=request.round,
-                base_round=self.global_round,
+                round=self.round,
+                base_round=base,
                 model_id=model_id,
                 num_samples=request.num_samples,
                 metrics=request.metrics,
@@ -354,22 +404,37 @@ class Aggregator:
                 weights=weights,
                 num_samples=request.num_samples,
                 agent_id=request.agent_id,
-                base_round=self.global_round,
+                base_round=base,
                 metrics=request.metrics,
             )
             self.stats["uploads"] += 1
             self.stats["bytes_in"] += len(body)
-            uploads, needed = len(self.pending), self.needed()
+            uploads, needed, filed = len(self.pending), self.needed(), self.round
             log.info(
-                "round %d: local model from %s (%d/%d)",
+                "round %d: local model from %s (%d/%d)%s",
                 self.round,
                 request.agent_id,
                 uploads,
                 needed,
+                f", trained on global model {base}, staleness {self.global_round - base}"
+                if self.asynchronous
+                else "",
             )
-            self._maybe_close("threshold")
+            if self.asynchronous:
+                self.last_base[request.agent_id] = base
+                if uploads >= needed:
+                    # Aggregated while the lock is still held, so no upload can slip in between
+                    # the buffer filling and the new global model.
+                    await self._aggregate_now("buffer full")
+            else:
+                self._maybe_close("threshold")
+            # Async mode: `round` is the global model this upload goes into; the agent waits
+            # for it before training again.
             return UploadResponse(
-                accepted=True, round=request.round, uploads=uploads, needed=needed
+                accepted=True,
+                round=filed if self.asynchronous else request.round,
+                uploads=uploads,
+                needed=needed,
             )
 
     async def report(self, request: MetricsReport) -> None:
@@ -404,10 +469,17 @@ class Aggregator:
         task.add_done_callback(self._tasks.discard)
 
     async def _close_round(self, reason: str) -> None:
+        async with self.lock:
+            if not self.pending or self.finished:  # an async upload aggregated them meanwhile
+                self.closing = False
+                return
+            await self._aggregate_now(reason)
+
+    async def _aggregate_now(self, reason: str) -> None:
+        """Aggregate the pending local models and announce the result; the lock must be held."""
         try:
-            async with self.lock:
-                await asyncio.to_thread(self._aggregate, reason)
-                self._announce()
+            await asyncio.to_thread(self._aggregate, reason)
+            self._announce()
         except Exception:
             log.exception("aggregation of round %d failed; the round stays open", self.round)
             self.closing = False
@@ -423,8 +495,11 @@ class Aggregator:
         assert self.global_model is not None and self.spec is not None
         started = time.perf_counter()
         updates = [self.pending[k] for k in sorted(self.pending)]
+        # Async strategies take t, the version the updates' staleness is measured against.
         result = self.strategy.aggregate(
-            self.global_model.weights, updates, server_round=self.round
+            self.global_model.weights,
+            updates,
+            server_round=self.global_round if self.asynchronous else self.round,
         )
         new = {
             t.name: np.asarray(result[t.name], dtype=codec._DTYPES[t.dtype])

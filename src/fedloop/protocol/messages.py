@@ -40,12 +40,18 @@ class RegisterRequest(Message):
 
 
 class RegisterResponse(Message):
-    """The aggregator's *welcome*: the agent's id and where the run stands."""
+    """The aggregator's *welcome*: the agent's id and where the run stands.
+
+    ``asynchronous``: the aggregator accepts local models trained on older global models
+    (FedAsync, FedBuff), so an agent uploads what it trained even if a newer global model
+    appeared meanwhile.
+    """
 
     agent_id: AgentId
     round: int
     global_round: int
     finished: bool = False
+    asynchronous: bool = False
 
 
 class UploadRequest(Message):
@@ -60,7 +66,12 @@ class UploadRequest(Message):
 
 
 class UploadResponse(Message):
-    """The aggregator accepted a local model for `round`."""
+    """The aggregator accepted a local model for `round`.
+
+    In synchronous mode `round` is the round the agent uploaded for; in asynchronous mode it is
+    the global model the local model will be aggregated into, which the agent waits for before
+    training again.
+    """
 
     accepted: bool
     round: int
@@ -121,6 +132,7 @@ class StatusResponse(Message):
     deadline_in: float | None
     finished: bool
     strategy: str
+    asynchronous: bool = False
 
 
 M = TypeVar("M", bound=Message)

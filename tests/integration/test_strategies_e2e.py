@@ -1,0 +1,242 @@
+"""One method of each strategy family end to end: real aggregator and agent processes, and the
+stored global models recomputed from the stored local models with the paper's formula."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import Server, start_agent
+
+from fedloop.agent.client import AggregatorClient, Refused
+from fedloop.protocol import codec
+from fedloop.store.blobs import BlobStore
+from fedloop.store.db import LocalModelRow, Store, database_url
+from fedloop.strategies import FedAdam, Update
+from fedloop.types import Weights
+
+ZEROS = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
+
+
+@contextmanager
+def opened(data_dir: Path) -> Iterator[tuple[Store, BlobStore]]:
+    store = Store(database_url(data_dir, None))
+    try:
+        yield store, BlobStore(data_dir / "blobs")
+    finally:
+        store.close()
+
+
+def _globals(store: Store, blobs: BlobStore) -> dict[int, Weights]:
+    return {g.round: codec.decode(blobs.get(g.model_id)) for g in store.global_models()}
+
+
+def _weights(blobs: BlobStore, row: LocalModelRow) -> Weights:
+    return codec.decode(blobs.get(row.model_id))
+
+
+def _start(
+    server: Server,
+    agents: list[subprocess.Popen[bytes]],
+    name: str,
+    engine: str = "engines:ShiftEngine",
+    **sets: Any,
+) -> None:
+    args = [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
+    agents.append(start_agent(server, name, engine, *args))
+
+
+def _finish(server: Server, agents: list[subprocess.Popen[bytes]], timeout: float = 30) -> None:
+    server.wait_for(lambda s: s["finished"], timeout=timeout)
+    for process in agents:
+        assert process.wait(timeout=30) == 0
+
+
+def test_fedadam_globals_follow_the_formula_from_the_stored_local_models(
+    make_server: Any, agents: list[subprocess.Popen[bytes]]
+) -> None:
+    params = {"eta": 0.1, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
+    server: Server = make_server(rounds=3, min_agents=3, strategy={"name": "fedadam", **params})
+    for i, (offset, samples) in enumerate([(1.0, 10), (-2.0, 30), (0.5, 60)]):
+        _start(server, agents, f"a{i}", offset=offset, samples=samples)
+    _finish(server, agents)
+
+    reference = FedAdam(**params)  # the same code, fed what the store says the agents sent
+    with opened(server.data_dir) as (store, blobs):
+        globals_ = _globals(store, blobs)
+        assert sorted(globals_) == [0, 1, 2, 3]
+        for r in (1, 2, 3):
+            rows = store.local_models(r)
+            assert len(rows) == 3 and all(row.base_round == r - 1 for row in rows)
+            updates = [
+                Update(_weights(blobs, row), row.num_samples, row.agent_id, row.base_round)
+                for row in rows
+            ]
+            expected = reference.aggregate(globals_[r - 1], updates, server_round=r)
+            for key in expected:
+                np.testing.assert_allclose(globals_[r][key], expected[key], rtol=1e-6, atol=1e-7)
+        # and by hand for round 1, where m_0 = 0 and v_0 = tau^2: Delta = 0.1 - 0.6 + 0.3
+        delta = (1.0 * 10 - 2.0 * 30 + 0.5 * 60) / 100
+        m = 0.1 * delta
+        v = 0.99 * 1e-6 + 0.01 * delta**2
+        np.testing.assert_allclose(globals_[1]["w"], 0.1 * m / (np.sqrt(v) + 1e-3), rtol=1e-5)
+        # the server's moments were persisted with the last global model
+        last = store.global_model(3)
+        assert last is not None and last.state_id
+        state = codec.decode(blobs.get(last.state_id))
+        for key, value in reference.state().items():
+            np.testing.assert_allclose(state[key], value, rtol=1e-12)
+
+
+def test_krum_never_picks_the_byzantine_agent(
+    make_server: Any, agents: list[subprocess.Popen[bytes]]
+) -> None:
+    server: Server = make_server(rounds=3, min_agents=5, strategy={"name": "krum", "f": 1})
+    for i, offset in enumerate([1.0, 1.2, 0.8, 1.1]):
+        _start(server, agents, f"honest{i}", offset=offset)
+    _start(server, agents, "byzantine", offset=1000.0)
+    _finish(server, agents)
+
+    with opened(server.data_dir) as (store, blobs):
+        byzantine = next(a.id for a in store.agents() if a.name == "byzantine")
+        globals_ = _globals(store, blobs)
+        assert sorted(globals_) == [0, 1, 2, 3]
+        for r in (1, 2, 3):
+            locals_ = {row.agent_id: _weights(blobs, row) for row in store.local_models(r)}
+            assert len(locals_) == 5
+            chosen = [
+                agent
+                for agent, weights in locals_.items()
+                if all(np.array_equal(weights[k], globals_[r][k]) for k in weights)
+            ]
+            assert len(chosen) == 1 and chosen[0] != byzantine, chosen
+            # honest steps are 0.8..1.2 per round; one Byzantine step would be 1000
+            assert float(np.abs(globals_[r]["w"]).max()) <= 1.2 * r + 1e-5
+
+
+def test_fedasync_mixes_every_upload_in_with_its_staleness(
+    make_server: Any, agents: list[subprocess.Popen[bytes]]
+) -> None:
+    alpha, a = 0.5, 0.5
+    strategy = {"name": "fedasync", "alpha": alpha, "staleness": "polynomial", "a": a}
+    server: Server = make_server(rounds=20, strategy=strategy)
+    # All three start training on global model 0 together; the faster ones race ahead.
+    gate = server.root / "gate"
+    for name, offset, delay in [("slow", 3.0, 0.6), ("medium", 2.0, 0.3), ("fast", 1.0, 0.15)]:
+        _start(
+            server, agents, name, "engines:GatedShiftEngine", offset=offset, delay=delay, gate=gate
+        )
+    server.wait_for(lambda s: s["registered_agents"] == 3)
+    gate.touch()
+    _finish(server, agents, timeout=40)
+    assert server.status()["asynchronous"] is True
+
+    with opened(server.data_dir) as (store, blobs):
+        names = {agent.id: agent.name for agent in store.agents()}
+        globals_ = _globals(store, blobs)
+        assert sorted(globals_) == list(range(21))
+        stale: list[int] = []
+        for r in range(1, 21):
+            rows = store.local_models(r)
+            assert len(rows) == 1, "FedAsync makes one global model per upload"
+            (row,) = rows
+            staleness = (r - 1) - row.base_round
+            assert staleness >= 0
+            if staleness:
+                stale.append(staleness)
+            mix = alpha * (staleness + 1) ** -a
+            y = _weights(blobs, row)
+            for key in y:
+                expected = (1 - mix) * globals_[r - 1][key].astype(np.float64) + mix * y[key]
+                np.testing.assert_allclose(globals_[r][key], expected, rtol=1e-6, atol=1e-6)
+            assert not np.array_equal(globals_[r]["w"], globals_[r - 1]["w"])
+            model = store.global_model(r)
+            assert model is not None and model.contributors == [row.agent_id]
+        assert stale, "no upload was stale; the slow agent should have been"
+        slow_rounds = [
+            (r, row.base_round)
+            for r in range(1, 21)
+            for row in store.local_models(r)
+            if names[row.agent_id] == "slow"
+        ]
+        assert any(r - 1 > base for r, base in slow_rounds), slow_rounds
+
+
+def test_fedbuff_buffer_survives_a_kill_and_refuses_duplicates(make_server: Any) -> None:
+    server: Server = make_server(rounds=3, strategy={"name": "fedbuff", "buffer_size": 3})
+    client = AggregatorClient(server.url)
+    ids = [client.register(f"site-{i}", ZEROS).agent_id for i in range(4)]
+    assert client.status().needed == 3
+
+    def model(value: float) -> bytes:
+        return codec.encode({k: v + value for k, v in ZEROS.items()})
+
+    reply = client.upload(ids[0], 1, model(1.0), 10)
+    assert (reply.round, reply.uploads, reply.needed) == (1, 1, 3)
+    for code, agent, round_number in [
+        ("duplicate_upload", ids[0], 1),  # same agent, same base model
+        ("round_not_open", ids[1], 2),  # global model 1 does not exist yet
+    ]:
+        with pytest.raises(Refused) as refused:
+            client.upload(agent, round_number, model(9.0), 10)
+        assert refused.value.code == code
+    client.upload(ids[1], 1, model(2.0), 10)
+
+    server.kill()  # two uploads are in the buffer, committed but not aggregated
+    client.close()
+    server.start()
+    client = AggregatorClient(server.url)
+    status = client.status()
+    assert (status.round, status.uploads, status.global_round) == (1, 2, 0)
+    with pytest.raises(Refused) as refused:
+        client.upload(ids[1], 1, model(9.0), 10)
+    assert refused.value.code == "duplicate_upload"
+
+    client.upload(ids[2], 1, model(6.0), 10)  # fills the buffer: global model 1
+    np.testing.assert_allclose(client.global_model(1)["w"], 3.0)
+    # a stale upload (trained on global model 0) goes into global model 2's buffer
+    reply = client.upload(ids[3], 1, model(4.0), 10)
+    assert (reply.round, reply.uploads) == (2, 1)
+    with pytest.raises(Refused) as refused:  # an agent already in the buffer waits for it
+        client.upload(ids[3], 2, model(4.0), 10)
+    assert refused.value.code == "duplicate_upload"
+    client.upload(ids[0], 2, model(5.0), 10)
+    client.upload(ids[1], 2, model(6.0), 10)
+    # FedBuff with server_lr 1 is the plain mean of the buffer, whatever the staleness
+    np.testing.assert_allclose(client.global_model(2)["w"], 5.0)
+    with opened(server.data_dir) as (store, _):
+        rows = store.local_models(2)
+        assert sorted((r.agent_id, r.base_round) for r in rows) == sorted(
+            [(ids[3], 0), (ids[0], 1), (ids[1], 1)]
+        )
+    client.close()
+
+
+def test_fedbuff_agents_wait_for_the_global_model_their_upload_goes_into(
+    make_server: Any, agents: list[subprocess.Popen[bytes]]
+) -> None:
+    server: Server = make_server(
+        rounds=4, min_agents=2, strategy={"name": "fedbuff", "buffer_size": 2}
+    )
+    for i, delay in enumerate([0.0, 0.2, 0.5]):
+        _start(server, agents, f"a{i}", offset=i + 1, delay=delay)
+    _finish(server, agents)
+    with opened(server.data_dir) as (store, blobs):
+        globals_ = _globals(store, blobs)
+        assert sorted(globals_) == [0, 1, 2, 3, 4]
+        for r in range(1, 5):
+            rows = store.local_models(r)
+            model = store.global_model(r)
+            assert model is not None
+            contributors = [row for row in rows if row.agent_id in model.contributors]
+            assert len(contributors) == len(rows) == len(model.contributors) == 2
+            mean = np.mean([_weights(blobs, row)["w"] for row in contributors], axis=0)
+            np.testing.assert_allclose(globals_[r]["w"], mean, rtol=1e-6)
+    for i in range(3):
+        log = (server.root / f"a{i}.log").read_text()
+        assert "Traceback" not in log, log
