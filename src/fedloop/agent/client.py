@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import httpx
@@ -28,6 +28,16 @@ from fedloop.protocol.version import MESSAGE_HEADER
 from fedloop.types import Weights
 
 T = TypeVar("T")
+
+
+_CHUNK = 1024 * 1024
+
+
+def _chunks(data: bytes) -> Iterator[memoryview]:
+    """Yield `data` in 1 MiB views: httpx streams them without another copy of the model."""
+    view = memoryview(data)
+    for start in range(0, len(view), _CHUNK):
+        yield view[start : start + _CHUNK]
 
 
 class Refused(ProtocolError):
@@ -91,7 +101,10 @@ class AggregatorClient:
             metrics={k: float(v) for k, v in (metrics or {}).items()},
         )
         response = self._send(
-            "POST", "/v1/updates", content=data, headers={MESSAGE_HEADER: message.model_dump_json()}
+            "POST",
+            "/v1/updates",
+            content=_chunks(data),
+            headers={MESSAGE_HEADER: message.model_dump_json(), "content-length": str(len(data))},
         )
         return UploadResponse.model_validate(response.json())
 

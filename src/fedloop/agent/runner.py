@@ -77,6 +77,10 @@ class Agent:
         # (async mode: with a buffer, the current global model is not it). Not persisted: after
         # a restart the aggregator refuses the one duplicate this can cause.
         self._wait_after = -1
+        # The files in `dir` are for resuming after a crash; while running, the same bytes are
+        # kept here so a round does not read back what it has just written.
+        self._global_bytes: tuple[int, bytes] | None = None
+        self._local: tuple[bytes, dict[str, Any]] | None = None
 
     # --- helpers --------------------------------------------------------------------------
     def _call(self, action: Callable[[], T]) -> T:
@@ -150,6 +154,7 @@ class Agent:
             return
         info, data = result
         self.dir.save_global(data)
+        self._global_bytes = (info.round, data)
         self.state.global_round, self.state.config = info.round, dict(info.config)
         self.state.finished = info.finished
         self._enter(Phase.GM_READY)
@@ -159,8 +164,13 @@ class Agent:
         if info.finished:
             self._enter(Phase.WAITING_GM)
 
+    def _held_global(self) -> Weights:
+        if self._global_bytes is not None and self._global_bytes[0] == self.state.global_round:
+            return codec.decode(self._global_bytes[1])
+        return self.dir.load_global()
+
     def _evaluate_global(self, round_number: int) -> None:
-        metrics = self.engine.evaluate(self.dir.load_global(), dict(self.state.config))
+        metrics = self.engine.evaluate(self._held_global(), dict(self.state.config))
         assert self.state.agent_id is not None
         agent_id = self.state.agent_id
         try:
@@ -171,7 +181,7 @@ class Agent:
     def _train(self) -> None:
         self._enter(Phase.TRAINING)
         try:
-            weights = self.dir.load_global()
+            weights = self._held_global()
         except (OSError, FedloopError):  # missing or damaged on disk: fetch that round again
             round_number = self.state.global_round
             weights = self._call(lambda: self.client.global_model(round_number))
@@ -182,11 +192,13 @@ class Agent:
             "num_samples": int(num_samples),
             "metrics": {k: float(v) for k, v in dict(metrics).items()},
         }
-        self.dir.save_local(codec.encode(new), meta)
+        data = codec.encode(new)
+        self.dir.save_local(data, meta)
+        self._local = (data, meta)
         self._enter(Phase.SENDING)
 
     def _send(self) -> None:
-        pending = self.dir.load_local()
+        pending, self._local = self._local or self.dir.load_local(), None
         if pending is None:  # killed between clearing the model and saving the phase
             self._enter(Phase.WAITING_GM)
             return

@@ -15,8 +15,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from fedloop.aggregator import metrics
 from fedloop.aggregator.service import Aggregator
 from fedloop.config import AggregatorConfig
+from fedloop.dashboard import routes as dashboard_routes
 from fedloop.errors import ProtocolError
 from fedloop.protocol.messages import (
     ErrorResponse,
@@ -51,6 +53,18 @@ async def read_body(request: Request, limit: int) -> bytearray:
                 413,
                 "too_large",
             )
+        # Known size: one allocation, filled in place (no regrowth copies of a large model).
+        body = bytearray(size)
+        view, filled = memoryview(body), 0
+        async for chunk in request.stream():
+            end = filled + len(chunk)
+            if end > size:
+                raise ProtocolError("body is longer than its Content-Length", 400, "bad_request")
+            view[filled:end] = chunk
+            filled = end
+        if filled != size:
+            raise ProtocolError("body is shorter than its Content-Length", 400, "bad_request")
+        return body
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -159,6 +173,7 @@ def create_app(config: AggregatorConfig, aggregator: Aggregator | None = None) -
     async def protocol_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ProtocolError)
         agg.stats["rejected"] += 1
+        agg.rejected_by_reason[exc.code] = agg.rejected_by_reason.get(exc.code, 0) + 1
         log.warning("%s %s refused: %s", request.method, request.url.path, exc)
         return _error(exc.status, exc.code, str(exc))
 
@@ -178,6 +193,8 @@ def create_app(config: AggregatorConfig, aggregator: Aggregator | None = None) -
         Route("/v1/status", status),
         Route("/v1/history", history),
         WebSocketRoute("/v1/ws", push),
+        metrics.route(agg),
+        *dashboard_routes(agg),
     ]
     app = Starlette(
         routes=routes,

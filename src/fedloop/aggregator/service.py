@@ -47,7 +47,7 @@ from fedloop.store.db import (
     Store,
     database_url,
 )
-from fedloop.strategies import Strategy, Update
+from fedloop.strategies import RunningMean, Strategy, Update
 from fedloop.strategies import load as load_strategy
 from fedloop.types import Weights
 
@@ -95,6 +95,9 @@ class Aggregator:
         self.round_started = 0.0
         self.global_model: GlobalModel | None = None
         self.pending: dict[str, Update] = {}
+        # Streaming strategies fold each upload into a running sum as it arrives, so memory is
+        # O(model size); `pending` then keeps only the uploads' metadata (weights={}).
+        self.running = RunningMean()
         self.asynchronous = bool(self.strategy.asynchronous)
         # Async mode: the newest base model each agent uploaded from, to refuse duplicates.
         self.last_base: dict[str, int] = {}
@@ -105,6 +108,8 @@ class Aggregator:
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # keeps aggregation tasks from being GC'd
         self.stats = {"uploads": 0, "rejected": 0, "bytes_in": 0, "bytes_out": 0}
+        self.rejected_by_reason: dict[str, int] = {}
+        self.aggregation_seconds: list[float] = []  # per aggregation, for /metrics
 
     # --- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -138,12 +143,14 @@ class Aggregator:
         if opened is not None:
             self.round, self.round_started = opened.number, opened.started_at
             for row in self.store.local_models(opened.number):
-                self.pending[row.agent_id] = Update(
-                    weights=codec.decode(self.blobs.get(row.model_id)),
-                    num_samples=row.num_samples,
-                    agent_id=row.agent_id,
-                    base_round=row.base_round,
-                    metrics=dict(row.metrics),
+                self._hold(
+                    Update(
+                        weights=codec.decode(self.blobs.get(row.model_id)),
+                        num_samples=row.num_samples,
+                        agent_id=row.agent_id,
+                        base_round=row.base_round,
+                        metrics=dict(row.metrics),
+                    )
                 )
         elif self.global_model is not None:
             self.round = self.global_model.round + 1
@@ -373,19 +380,43 @@ class Aggregator:
                 "duplicate_upload",
             )
 
+    @property
+    def streams(self) -> bool:
+        return self.strategy.streaming and not self.asynchronous
+
+    def _hold(self, update: Update) -> None:
+        """Keep an accepted upload for aggregation: folded in, or whole for other strategies."""
+        if self.streams:
+            self.running.add(update)
+            update = Update(
+                weights={},
+                num_samples=update.num_samples,
+                agent_id=update.agent_id,
+                base_round=update.base_round,
+                metrics=update.metrics,
+            )
+        self.pending[update.agent_id] = update
+
+    def _check_and_store(self, body: bytes | bytearray) -> tuple[Weights, str]:
+        """Validate a local model and write its blob (outside the lock: uploads overlap)."""
+        assert self.spec is not None
+        weights = codec.decode_checked(body, self.spec)
+        return weights, self.blobs.put(body)
+
     async def upload(self, request: UploadRequest, body: bytes | bytearray) -> UploadResponse:
         """Accept a local model for the current round, or refuse it with the reason."""
         self.known_agent(request.agent_id)
         self._check_round(request.agent_id, request.round)
         if self.spec is None:
             raise ProtocolError("no model is registered yet", 409, "no_model")
-        weights = await asyncio.to_thread(codec.decode_checked, body, self.spec)
+        # The blob is written before its row commits; if the round closes meanwhile, the blob
+        # is an orphan that the next start-up deletes.
+        weights, model_id = await asyncio.to_thread(self._check_and_store, body)
         async with self.lock:
             self._check_round(request.agent_id, request.round)  # may have changed while decoding
             now = time.time()
             # Synchronous uploads are trained on the current global model by construction.
             base = request.round - 1 if self.asynchronous else self.global_round
-            model_id = await asyncio.to_thread(self.blobs.put, body)
             row = LocalModelRow(
                 agent_id=request.agent_id,
                 round=self.round,
@@ -400,13 +431,17 @@ class Aggregator:
                 await asyncio.to_thread(self.store.add_local_model, row)
             except DuplicateUpload as exc:
                 raise ProtocolError(str(exc), 409, "duplicate_upload") from exc
-            self.pending[request.agent_id] = Update(
+            update = Update(
                 weights=weights,
                 num_samples=request.num_samples,
                 agent_id=request.agent_id,
                 base_round=base,
                 metrics=request.metrics,
             )
+            if self.streams:
+                await asyncio.to_thread(self._hold, update)
+            else:
+                self._hold(update)
             self.stats["uploads"] += 1
             self.stats["bytes_in"] += len(body)
             uploads, needed, filed = len(self.pending), self.needed(), self.round
@@ -498,7 +533,7 @@ class Aggregator:
         # Async strategies take t, the version the updates' staleness is measured against.
         result = self.strategy.aggregate(
             self.global_model.weights,
-            updates,
+            [self.running.as_update(self.global_round)] if self.streams else updates,
             server_round=self.global_round if self.asynchronous else self.round,
         )
         new = {
@@ -527,17 +562,21 @@ class Aggregator:
             next_round=None if finished else self.round + 1,
             now=now,
         )
+        elapsed = time.perf_counter() - started
+        self.aggregation_seconds.append(elapsed)
+        del self.aggregation_seconds[:-1000]  # /metrics needs recent ones, not all forever
         log.info(
             "round %d aggregated (%s) from %d local models in %.3f s%s",
             self.round,
             reason,
             len(updates),
-            time.perf_counter() - started,
+            elapsed,
             f"; {metrics}" if metrics else "",
         )
         self.global_model = GlobalModel(self.round, new, data, metrics)
         self.finished = finished
         self.pending = {}
+        self.running = RunningMean()
         self.round += 1
         self.round_started = now
         self.closing = False
