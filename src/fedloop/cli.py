@@ -191,6 +191,93 @@ def history(
 
 
 @app.command()
+def report(
+    data_dir: Annotated[Path | None, typer.Option(help="The aggregator's data directory.")] = None,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL.")] = None,
+    config: Annotated[Path | None, typer.Option(help="The aggregator's TOML config.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Where the report goes (default DATA_DIR/report).")
+    ] = None,
+    open_: Annotated[
+        bool, typer.Option("--open", help="Open the HTML page in a web browser.")
+    ] = False,
+    plots: Annotated[bool, typer.Option(help="Draw PNG plots (needs matplotlib).")] = True,
+) -> None:
+    """Write a run's report: rounds.csv, local_models.csv, PNG plots, one HTML page."""
+    from fedloop.config import load_config
+    from fedloop.report import open_records, write_report
+
+    try:
+        cfg = load_config(config, data_dir=data_dir, database_url=database_url)
+        records = open_records(cfg.data_dir, cfg.database_url)
+        target = out or cfg.data_dir / "report"
+        files = write_report(
+            records, target, source=cfg.database_url or str(cfg.data_dir), plots=plots
+        )
+    except FedloopError as exc:
+        _fail(exc)
+        return
+    for path in [*files.csv, *files.png, files.html]:
+        typer.echo(str(path))
+    if open_:
+        import webbrowser
+
+        webbrowser.open(files.html.resolve().as_uri())
+
+
+@app.command()
+def partition(
+    split: Annotated[str, typer.Argument(help="iid, dirichlet, shards or quantity_skew.")],
+    agents: Annotated[int, typer.Option(help="Number of agents.")] = 10,
+    dataset: Annotated[
+        str, typer.Option(help="digits, or mnist/fashion-mnist with --data-dir.")
+    ] = "digits",
+    data_dir: Annotated[Path | None, typer.Option(help="Directory of the IDX files.")] = None,
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration.")] = 0.5,
+    shards_per_agent: Annotated[int, typer.Option(help="Shards per agent (shards).")] = 2,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    plot: Annotated[Path | None, typer.Option(help="Also write the table as a PNG here.")] = None,
+) -> None:
+    """Print how a split spreads each label among agents (a row per agent, a column per label)."""
+    from fedloop.ml import data
+    from fedloop.ml import partition as part
+
+    try:
+        if dataset == "digits":
+            labels = data.load_digits()[1]
+        elif dataset in ("mnist", "fashion-mnist"):
+            if data_dir is None:
+                raise FedloopError(f"--dataset {dataset} needs --data-dir with its IDX files")
+            labels = data.load_mnist(data_dir, "train")[1]
+        else:
+            raise FedloopError(f"--dataset must be digits, mnist or fashion-mnist, not {dataset!r}")
+        if split == "iid":
+            parts = part.iid(labels, agents, seed)
+        elif split == "dirichlet":
+            parts = part.dirichlet(labels, agents, alpha, seed)
+        elif split == "shards":
+            parts = part.shards(labels, agents, shards_per_agent, seed)
+        elif split == "quantity_skew":
+            parts = part.quantity_skew(len(labels), agents, alpha, seed)
+        else:
+            raise FedloopError(
+                f"split must be iid, dirichlet, shards or quantity_skew, not {split!r}"
+            )
+        table = part.label_summary(labels, parts)
+        if plot is not None:
+            part.plot_label_summary(table, plot, title=f"{dataset}, {split}, {agents} agents")
+    except FedloopError as exc:
+        _fail(exc)
+        return
+    header = "agent  " + " ".join(f"{k:>6}" for k in range(table.shape[1])) + "   total"
+    typer.echo(header)
+    for i, row in enumerate(table):
+        typer.echo(f"{i:>5}  " + " ".join(f"{int(v):>6}" for v in row) + f"  {int(row.sum()):>6}")
+    if plot is not None:
+        typer.echo(str(plot))
+
+
+@app.command()
 def version() -> None:
     """Print fedloop's version and protocol version."""
     from fedloop import __version__

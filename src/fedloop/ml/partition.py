@@ -7,12 +7,13 @@ Every function is deterministic for a given seed and returns one index array per
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from fedloop.errors import ConfigError
 
-__all__ = ["dirichlet", "iid", "label_summary", "quantity_skew", "shards"]
+__all__ = ["dirichlet", "iid", "label_summary", "plot_label_summary", "quantity_skew", "shards"]
 
 
 def _check_agents(n_agents: int, n_samples: int) -> None:
@@ -137,3 +138,39 @@ def label_summary(
     for row, idx in enumerate(parts):
         table[row] = np.bincount(y[np.asarray(idx, dtype=np.int64)], minlength=k)[:k]
     return table
+
+
+def plot_label_summary(
+    table: np.ndarray, path: str | Path, title: str = "labels per agent"
+) -> Path:
+    """Write ``label_summary``'s table as a PNG heat map (agents x labels, counts in cells)."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ConfigError(
+            "plotting the label summary needs matplotlib; `pip install matplotlib`."
+        ) from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = np.asarray(table)
+    n_agents, n_labels = counts.shape
+    figure, ax = plt.subplots(
+        figsize=(max(4.0, 0.6 * n_labels + 2), max(3.0, 0.3 * n_agents + 1.5))
+    )
+    image = ax.imshow(counts, aspect="auto", cmap="Blues")
+    figure.colorbar(image, ax=ax, label="samples")
+    ax.set_xlabel("label")
+    ax.set_ylabel("agent")
+    ax.set_xticks(range(n_labels))
+    ax.set_yticks(range(0, n_agents, max(1, n_agents // 20)))
+    if n_agents <= 30 and n_labels <= 20:
+        limit = counts.max() / 2 if counts.size else 0
+        for (row, col), value in np.ndenumerate(counts):
+            color = "white" if value > limit else "black"
+            ax.text(col, row, str(value), ha="center", va="center", fontsize=7, color=color)
+    ax.set_title(title)
+    target = Path(path)
+    figure.savefig(target, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return target
