@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# The CPU build of PyTorch first, so the extras below do not pull a CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[torch,sklearn,postgres,privacy,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[torch,sklearn,postgres,privacy,ray,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -160,9 +160,7 @@ def ensure_flower(venv: Path) -> str:
         return str(python)
     print(f"# installing {FLOWER_REQUIREMENT} into {venv} (once)", file=sys.stderr, flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", FLOWER_REQUIREMENT], check=True
-    )
+    subprocess.run([str(python), "-m", "pip", "install", "-q", FLOWER_REQUIREMENT], check=True)
     subprocess.run(probe, check=True, capture_output=True)
     return str(python)
 
@@ -419,15 +417,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     parser.add_argument("--cases", default="", help="comma-separated MODE:AGENTS:MB, * allowed")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="rounds per run (default 10, or 5 where agents × MB > 100)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds per run (default 10, or 5 where agents × MB > 100)",
+    )
     parser.add_argument("--flower-venv", type=Path, default=DEFAULT_FLOWER_VENV)
-    parser.add_argument("--time-budget", type=float, default=3600.0,
-                        help="seconds; cases that would start after it are skipped")
-    parser.add_argument("--case-timeout", type=float, default=900.0,
-                        help="seconds per system per case")
-    parser.add_argument("--memory-fraction", type=float, default=0.7,
-                        help="skip a case whose estimated peak exceeds this × MemAvailable")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=3600.0,
+        help="seconds; cases that would start after it are skipped",
+    )
+    parser.add_argument(
+        "--case-timeout", type=float, default=900.0, help="seconds per system per case"
+    )
+    parser.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.7,
+        help="skip a case whose estimated peak exceeds this × MemAvailable",
+    )
     parser.add_argument("--_sim-child", dest="sim_child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()  # fmt: skip
 
@@ -476,9 +487,7 @@ def main() -> None:
             line["ratio"] = round(w_s / f_s, 2) if f_s and w_s else None
             line["memory_ratio"] = round(w_m / f_m, 2) if f_m and w_m else None
             line["meets_speed_target"] = None if line["ratio"] is None else line["ratio"] >= 5
-            line["meets_memory_target"] = (
-                None if line["memory_ratio"] is None else f_m <= w_m
-            )
+            line["meets_memory_target"] = None if line["memory_ratio"] is None else f_m <= w_m
         line["flower_versions"] = versions
         line["cpu_count"] = os.cpu_count()
         print(json.dumps(line), flush=True)

@@ -288,5 +288,14 @@ def version() -> None:
     )
 
 
+def _register_simulate() -> None:
+    from fedloop.sim.cli import simulate
+
+    app.command()(simulate)
+
+
+_register_simulate()
+
+
 def main() -> None:
     app()

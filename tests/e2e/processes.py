@@ -50,7 +50,7 @@ class Server:
         )
         log = open(self.root / "aggregator.log", "ab")  # noqa: SIM115 - the process owns it
         self.process = subprocess.Popen(
-            [sys.executable, str(HERE / "serve_dashboard.py"), str(config)],
+            [sys.executable, "-m", "fedloop", "aggregator", "--config", str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env(),

@@ -108,14 +108,15 @@ def test_render_reports_rounds_agents_traffic_and_durations(aggregator: Aggregat
     assert values['fedloop_round_duration_seconds_bucket{le="+Inf"}'] == 3
     assert values['fedloop_round_duration_seconds_bucket{le="0.5"}'] <= 3
     assert values["fedloop_round_duration_seconds_sum"] >= 0
-    assert values["fedloop_aggregation_duration_seconds_count"] == 0
+    # The aggregator times each of its three aggregations.
+    assert values["fedloop_aggregation_duration_seconds_count"] == 3
 
 
 def test_reasons_aggregation_times_and_model_metrics(aggregator: Aggregator) -> None:
-    """The counters the aggregator may add later are read when they exist."""
-    aggregator.rejected_by_reason = {"round_closed": 1, 'odd "reason"\n': 2}  # type: ignore[attr-defined]
+    """Refusals by reason, aggregation times and global-model metrics all show."""
+    aggregator.rejected_by_reason = {"round_closed": 1, 'odd "reason"\n': 2}
     aggregator.stats["rejected"] = 3
-    aggregator.aggregation_seconds = [0.002, 0.2, 7.0]  # type: ignore[attr-defined]
+    aggregator.aggregation_seconds = [0.002, 0.2, 7.0]
     assert aggregator.global_model is not None
     aggregator.global_model.metrics = {"accuracy": 0.75, "loss": float("nan")}
     text = metrics.render(aggregator)
@@ -135,7 +136,7 @@ def test_prometheus_client_parses_the_page(aggregator: Aggregator) -> None:
     parser = pytest.importorskip(
         "prometheus_client.parser", reason="prometheus-client is not installed"
     )
-    aggregator.rejected_by_reason = {"too_large": 4}  # type: ignore[attr-defined]
+    aggregator.rejected_by_reason = {"too_large": 4}
     families = {
         f.name: f for f in parser.text_string_to_metric_families(metrics.render(aggregator))
     }

@@ -89,6 +89,7 @@ class Aggregator:
         self.lock = asyncio.Lock()
         self.spec: ModelSpec | None = None
         self.agents: dict[str, str] = {}  # id -> name
+        self.agent_ids: dict[str, str] = {}  # name -> id
         self.last_seen: dict[str, float] = {}
         self.connected: set[str] = set()
         self.round = 0  # the round collecting local models; 0 until the model is registered
@@ -129,6 +130,7 @@ class Aggregator:
         self.spec = ModelSpec.from_json(spec) if spec else None
         for agent in self.store.agents():
             self.agents[agent.id] = agent.name
+            self.agent_ids[agent.name] = agent.id
             self.last_seen[agent.id] = agent.last_seen
         latest = self.store.latest_global()
         if latest is not None:
@@ -248,7 +250,7 @@ class Aggregator:
             weights = None
             if body:
                 weights = await asyncio.to_thread(codec.decode_checked, body, self.spec)
-            existing = next((i for i, n in self.agents.items() if n == request.agent_name), None)
+            existing = self.agent_ids.get(request.agent_name)
             if existing is not None:
                 agent_id = existing
             else:
@@ -277,6 +279,7 @@ class Aggregator:
                 else:
                     await asyncio.to_thread(self.store.add_agent, agent_id, request.agent_name, now)
                 self.agents[agent_id] = request.agent_name
+                self.agent_ids[request.agent_name] = agent_id
                 log.info(
                     "agent %s registered as %s (%d agents)",
                     request.agent_name,

@@ -21,11 +21,13 @@ from sqlalchemy import (
     Integer,
     String,
     UniqueConstraint,
+    bindparam,
     create_engine,
     event,
     func,
     inspect,
     select,
+    update,
 )
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
@@ -306,11 +308,17 @@ class Store:
             return list(session.scalars(select(AgentRow).order_by(AgentRow.registered_at)))
 
     def touch_agents(self, last_seen: dict[str, float]) -> None:
+        if not last_seen:
+            return
+        # One executemany UPDATE, not an ORM load per agent: this runs every tick.
         with self._tx() as session:
-            for agent_id, seen in last_seen.items():
-                row = session.get(AgentRow, agent_id)
-                if row is not None:
-                    row.last_seen = seen
+            session.execute(
+                update(AgentRow)
+                .where(AgentRow.id == bindparam("agent"))
+                .values(last_seen=bindparam("seen"))
+                .execution_options(synchronize_session=False),
+                [{"agent": k, "seen": v} for k, v in last_seen.items()],
+            )
 
     # --- rounds -------------------------------------------------------------------------
     def open_round(self) -> RoundRow | None:

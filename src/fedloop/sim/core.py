@@ -1,0 +1,527 @@
+"""The simulation loop: N virtual agents driven through the real `Aggregator`, round by round.
+
+The aggregator object is the one a deployment runs (same registration, validation, strategy,
+store and evaluation), driven in-process without HTTP. Each round samples ``ceil(C·N)``
+agents with a seeded generator, the backend (``local`` processes/threads, or Ray) builds each
+sampled agent's engine, trains it on the global model and discards it, and every local model
+is uploaded as safetensors bytes, exactly as an agent would send it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import resource
+import shutil
+import time
+import traceback
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from pydantic import ValidationError
+
+from fedloop._loading import import_object
+from fedloop.config import AggregatorConfig, EvaluateConfig, StrategyConfig
+from fedloop.errors import ConfigError, FedloopError, ProtocolError
+from fedloop.protocol import codec
+from fedloop.protocol.messages import RegisterRequest, UploadRequest
+from fedloop.types import Weights
+
+__all__ = [
+    "AgentFailed",
+    "AgentResult",
+    "Backend",
+    "EngineSpec",
+    "Observer",
+    "RoundSummary",
+    "SimResult",
+    "SimSettings",
+    "agent_name",
+    "agents_per_round",
+    "build_engine",
+    "peak_rss_mb",
+    "run_simulation",
+    "sample_agents",
+    "train_agent",
+]
+
+log = logging.getLogger("fedloop.sim")
+
+# A worker's chunk of agents returns its local models together; keep such a chunk this small.
+CHUNK_BYTES = 64 * 1024 * 1024
+
+
+class AgentFailed(FedloopError):
+    """A virtual agent's engine raised; the message names the agent, ``details`` the traceback."""
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message, details)  # both in args, so the exception survives pickling
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    @property
+    def details(self) -> str:
+        return str(self.args[1]) if len(self.args) > 1 else ""
+
+
+def peak_rss_mb() -> float:
+    """Return this process's peak resident set size in MiB (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def agent_name(index: int) -> str:
+    """Return the name virtual agent ``index`` registers under."""
+    return f"sim-{index:06d}"
+
+
+def agents_per_round(num_agents: int, fraction: float) -> int:
+    """Return ceil(fraction × num_agents), at least 1: how many agents each round samples."""
+    if num_agents < 1:
+        raise ConfigError(f"--agents must be at least 1, got {num_agents}")
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"--fraction must be in (0, 1], got {fraction}")
+    # The epsilon keeps 0.1 × 30 = 3.0000000000000004 from sampling 4.
+    return max(1, math.ceil(fraction * num_agents - 1e-9))
+
+
+def sample_agents(num_agents: int, fraction: float, round_number: int, seed: int) -> list[int]:
+    """Return the sorted agent indices that train in ``round_number``: the same for a seed."""
+    k = agents_per_round(num_agents, fraction)
+    if k == num_agents:
+        return list(range(num_agents))
+    rng = np.random.default_rng([seed, round_number])
+    return sorted(int(i) for i in rng.choice(num_agents, size=k, replace=False))
+
+
+# --- building and training one agent --------------------------------------------------------
+@dataclass(frozen=True)
+class EngineSpec:
+    """How to build any agent's engine: ``factory(agent_index=i, num_agents=N, **params)``."""
+
+    factory: str
+    num_agents: int
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def kwargs(self, agent_index: int) -> dict[str, Any]:
+        """Return the keyword arguments the factory gets for agent ``agent_index``."""
+        target = import_object(self.factory)
+        out = dict(self.params)
+        try:
+            parameters = inspect.signature(target).parameters
+        except (TypeError, ValueError):  # a builtin without a signature: pass everything
+            parameters = None
+        open_kwargs = parameters is None or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+        )
+        # A factory that does not take them (e.g. NoopEngine) is the same for every agent.
+        if open_kwargs or (parameters is not None and "agent_index" in parameters):
+            out["agent_index"] = agent_index
+        if open_kwargs or (parameters is not None and "num_agents" in parameters):
+            out["num_agents"] = self.num_agents
+        return out
+
+
+def build_engine(spec: EngineSpec, agent_index: int) -> Any:
+    """Return agent ``agent_index``'s ML engine, or raise a ConfigError saying what is wrong."""
+    target = import_object(spec.factory)
+    if not callable(target) or (not inspect.isclass(target) and hasattr(target, "train")):
+        engine = target  # an engine object: every virtual agent shares it
+    else:
+        kwargs = spec.kwargs(agent_index)
+        try:
+            inspect.signature(target).bind(**kwargs)
+        except TypeError as exc:
+            raise ConfigError(
+                f"{spec.factory} does not take the arguments {sorted(kwargs)}: {exc}; "
+                "check the --set names against the factory's parameters"
+            ) from exc
+        except ValueError:  # no signature to check against
+            pass
+        try:
+            engine = target(**kwargs)
+        except FedloopError:
+            raise
+        except Exception as exc:
+            raise _failed(agent_index, f"{spec.factory}(…)", exc) from None
+    if not hasattr(engine, "train"):
+        raise ConfigError(f"{spec.factory!r} did not give an ML engine: it has no train() method")
+    return engine
+
+
+@dataclass
+class AgentResult:
+    """One virtual agent's round: its local model as safetensors bytes, samples and metrics."""
+
+    index: int
+    data: bytes
+    num_samples: int
+    metrics: dict[str, float]
+    seconds: float
+    worker_rss_mb: float
+
+
+def _failed(index: int, where: str, exc: BaseException) -> AgentFailed:
+    details = "".join(traceback.format_exception(exc))
+    return AgentFailed(
+        f"virtual agent {index} failed in {where}: {type(exc).__name__}: {exc}", details
+    )
+
+
+def train_agent(
+    spec: EngineSpec, index: int, weights: Weights, config: Mapping[str, Any]
+) -> AgentResult:
+    """Build agent ``index``'s engine, train it on ``weights``, encode the result, drop the engine.
+
+    Nothing of the agent outlives the call, so memory does not grow with the number of agents.
+    """
+    started = time.perf_counter()
+    engine = build_engine(spec, index)
+    try:
+        new, num_samples, metrics = engine.train(weights, dict(config))
+        data = codec.encode(new)
+        values = {str(k): float(v) for k, v in dict(metrics).items()}
+    except FedloopError:
+        raise
+    except Exception as exc:
+        raise _failed(index, "train()", exc) from None
+    del engine, new
+    return AgentResult(
+        index, data, int(num_samples), values, time.perf_counter() - started, peak_rss_mb()
+    )
+
+
+def initial_model(spec: EngineSpec) -> bytes | None:
+    """Return agent 0's ``initial_weights()`` as safetensors bytes, or None if it has none."""
+    engine = build_engine(spec, 0)
+    make = getattr(engine, "initial_weights", None)
+    if not callable(make):
+        return None
+    try:
+        return codec.encode(make())
+    except Exception as exc:
+        raise _failed(0, "initial_weights()", exc) from None
+
+
+# --- the pieces a simulation is made of ---------------------------------------------------
+class Backend(Protocol):
+    """Where agents train: `fedloop.sim.local.LocalBackend` or `fedloop.sim.ray.RayBackend`."""
+
+    def describe(self) -> str:
+        """Return a few words for the user: engine, workers, resources."""
+        ...
+
+    async def start(self, spec: EngineSpec) -> None: ...
+
+    async def initial_model(self) -> bytes | None:
+        """Return agent 0's initial model (safetensors bytes), built where agents run."""
+        ...
+
+    def train(
+        self,
+        round_number: int,
+        global_data: bytes,
+        config: Mapping[str, Any],
+        indices: Sequence[int],
+    ) -> AsyncIterator[AgentResult]:
+        """Yield each of the agents' results as soon as it is ready."""
+        ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass
+class RoundSummary:
+    """What one round did: agents, global metrics (if evaluated), mean local metrics, time."""
+
+    round: int
+    agents: int
+    seconds: float
+    global_metrics: dict[str, float]
+    local_metrics_mean: dict[str, float]
+
+
+class Observer:
+    """Receives a simulation's progress; override what you need (the CLI draws it with rich)."""
+
+    def on_start(self, settings: SimSettings, backend: str, per_round: int) -> None:
+        pass
+
+    def on_phase(self, text: str) -> None:
+        pass
+
+    def on_round_start(self, round_number: int, agents: int) -> None:
+        pass
+
+    def on_agent_done(self, round_number: int, result: AgentResult, done: int, total: int) -> None:
+        pass
+
+    def on_round_end(self, summary: RoundSummary) -> None:
+        pass
+
+
+@dataclass
+class SimSettings:
+    """One simulation: the engine factory, the agents, the rounds, the strategy, where to store."""
+
+    factory: str
+    num_agents: int
+    rounds: int = 10
+    fraction: float = 1.0
+    seed: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+    data_dir: Path = Path("fedloop-sim")
+    strategy: str = "fedavg"
+    strategy_params: dict[str, Any] = field(default_factory=dict)
+    evaluate: bool = True  # measure every global model with agent 0's engine's evaluate()
+    overwrite: bool = False  # replace an earlier run's database in data_dir
+    concurrent_uploads: int = 8  # local models handed to the aggregator at once
+
+    @property
+    def per_round(self) -> int:
+        return agents_per_round(self.num_agents, self.fraction)
+
+    def spec(self) -> EngineSpec:
+        return EngineSpec(self.factory, self.num_agents, dict(self.params))
+
+
+@dataclass
+class SimResult:
+    """What a finished simulation leaves: where its database is, and how long it took."""
+
+    data_dir: Path
+    database: Path
+    rounds: list[RoundSummary]
+    seconds: float  # the whole run, start-up and registration included
+    setup_seconds: float  # start-up and registration of every agent
+    driver_peak_rss_mb: float
+    worker_peak_rss_mb: float
+
+    @property
+    def seconds_per_round(self) -> float:
+        return sum(r.seconds for r in self.rounds) / max(1, len(self.rounds))
+
+
+class _ErrorTrap(logging.Handler):
+    """Keeps the aggregator's ERROR records: a failed aggregation leaves its round open."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _prepare_dir(settings: SimSettings) -> None:
+    directory = settings.data_dir
+    db = directory / "fedloop.db"
+    if db.exists():
+        if not settings.overwrite:
+            raise ConfigError(
+                f"{directory} already holds a run ({db}); pass another --data-dir, or "
+                "--overwrite to replace it"
+            )
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        shutil.rmtree(directory / "blobs", ignore_errors=True)
+    directory.mkdir(parents=True, exist_ok=True)
+
+
+def _evaluate_config(settings: SimSettings) -> EvaluateConfig | None:
+    """The aggregator's `[evaluate]`: agent 0's engine, if it can evaluate."""
+    if not settings.evaluate:
+        return None
+    spec = settings.spec()
+    if not hasattr(build_engine(spec, 0), "evaluate"):
+        return None
+    return EvaluateConfig(engine=settings.factory, params=spec.kwargs(0))
+
+
+def aggregator_config(settings: SimSettings) -> AggregatorConfig:
+    """Return the config of the simulation's aggregator: a round closes with the sampled agents."""
+    k = settings.per_round
+    if settings.rounds < 1:
+        raise ConfigError(f"--rounds must be at least 1, got {settings.rounds}")
+    return AggregatorConfig.model_validate(
+        {
+            "data_dir": settings.data_dir,
+            "aggregation_threshold": k / settings.num_agents,
+            "min_agents": k,
+            "rounds": settings.rounds,
+            "max_agents": max(settings.num_agents, 1),
+            "strategy": StrategyConfig(name=settings.strategy, **settings.strategy_params),
+            "evaluate": _evaluate_config(settings),
+        }
+    )
+
+
+class _RoundUploads:
+    """One round's uploads, a few in flight: one decodes while another is being stored."""
+
+    def __init__(
+        self,
+        agg: Any,
+        ids: list[str],
+        round_number: int,
+        total: int,
+        observer: Observer,
+        concurrency: int,
+    ) -> None:
+        self.agg, self.ids, self.round, self.total = agg, ids, round_number, total
+        self.observer = observer
+        self.slots = asyncio.Semaphore(max(1, concurrency))
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.done = 0
+
+    async def add(self, group: asyncio.TaskGroup, result: AgentResult) -> None:
+        await self.slots.acquire()
+        group.create_task(self._upload(result))
+
+    async def _upload(self, result: AgentResult) -> None:
+        try:
+            await _upload(self.agg, self.ids[result.index], self.round, result)
+        finally:
+            self.slots.release()
+        for key, value in result.metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
+        self.done += 1
+        self.observer.on_agent_done(self.round, result, self.done, self.total)
+
+    def local_means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in sorted(self.sums)}
+
+
+async def run_simulation(
+    settings: SimSettings, backend: Backend, observer: Observer | None = None
+) -> SimResult:
+    """Run the simulation to its last round and return where its records are.
+
+    Raises a FedloopError (ConfigError, AgentFailed, …) with a sentence saying what to do.
+    """
+    from fedloop.aggregator.service import Aggregator  # the aggregator imports a lot
+
+    observer = observer or Observer()
+    started = time.perf_counter()
+    k = settings.per_round
+    _prepare_dir(settings)
+    config = aggregator_config(settings)
+    observer.on_start(settings, backend.describe(), k)
+    observer.on_phase("starting workers")
+    await backend.start(settings.spec())
+    trap = _ErrorTrap()
+    agg_log = logging.getLogger("fedloop.aggregator")
+    agg_log.addHandler(trap)
+    agg = Aggregator(config)
+    summaries: list[RoundSummary] = []
+    worker_rss = 0.0
+    try:
+        await agg.start()
+        if agg.asynchronous:
+            raise ConfigError(
+                f"strategy {settings.strategy!r} is asynchronous; `fedloop simulate` runs "
+                "synchronous rounds — pick a synchronous strategy (fedavg, fedprox, fedadam, …)"
+            )
+        observer.on_phase("building agent 0's initial model")
+        initial = await backend.initial_model()
+        if initial is None:
+            raise ConfigError(
+                f"agent 0's engine from {settings.factory!r} has no initial_weights(); the "
+                "first agent must send the initial model — add initial_weights() to the engine"
+            )
+        observer.on_phase(f"registering {settings.num_agents} agents")
+        ids = [(await agg.register(RegisterRequest(agent_name=agent_name(0)), initial)).agent_id]
+        for i in range(1, settings.num_agents):
+            reply = await agg.register(RegisterRequest(agent_name=agent_name(i)), b"")
+            ids.append(reply.agent_id)
+        del initial
+        setup_seconds = time.perf_counter() - started
+        for r in range(1, settings.rounds + 1):
+            round_started = time.perf_counter()
+            current = await agg.wait_for_global(r - 2, 0)
+            if current is None or current.round != r - 1:
+                raise FedloopError(
+                    f"the aggregator has no global model {r - 1} to start round {r}; "
+                    "see its log above"
+                )
+            round_config = {**agg.global_info().config, "round": r}
+            chosen = sample_agents(settings.num_agents, settings.fraction, r, settings.seed)
+            observer.on_round_start(r, len(chosen))
+            uploads = _RoundUploads(agg, ids, r, len(chosen), observer, settings.concurrent_uploads)
+            try:
+                async with asyncio.TaskGroup() as group:
+                    async for result in backend.train(r, current.data, round_config, chosen):
+                        worker_rss = max(worker_rss, result.worker_rss_mb)
+                        await uploads.add(group, result)
+            except BaseExceptionGroup as group_error:
+                raise _first(group_error) from None
+            del current
+            model = None
+            while model is None:
+                model = await agg.wait_for_global(r - 1, 0.5)
+                if model is None and trap.records:
+                    record = trap.records[0]
+                    raise FedloopError(
+                        f"the aggregator failed in round {r}: {record.getMessage()}"
+                        + (f" ({record.exc_info[1]})" if record.exc_info else "")
+                    )
+            summary = RoundSummary(
+                round=r,
+                agents=len(chosen),
+                seconds=time.perf_counter() - round_started,
+                global_metrics=dict(model.metrics),
+                local_metrics_mean=uploads.local_means(),
+            )
+            summaries.append(summary)
+            observer.on_round_end(summary)
+    finally:
+        agg_log.removeHandler(trap)
+        await agg.stop()
+        await backend.stop()
+    return SimResult(
+        data_dir=settings.data_dir,
+        database=settings.data_dir / "fedloop.db",
+        rounds=summaries,
+        seconds=time.perf_counter() - started,
+        setup_seconds=setup_seconds,
+        driver_peak_rss_mb=peak_rss_mb(),
+        worker_peak_rss_mb=worker_rss,
+    )
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """Return the first leaf exception of an exception group (an upload's own error)."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+async def _upload(agg: Any, agent_id: str, round_number: int, result: AgentResult) -> None:
+    try:
+        request = UploadRequest(
+            agent_id=agent_id,
+            round=round_number,
+            num_samples=result.num_samples,
+            metrics=result.metrics,
+        )
+    except ValidationError as exc:
+        raise AgentFailed(
+            f"virtual agent {result.index} returned a bad result in round {round_number}: "
+            f"{exc.errors()[0]['msg']} (num_samples={result.num_samples}, "
+            f"metrics={result.metrics}); return a count >= 0 and finite metrics"
+        ) from None
+    try:
+        await agg.upload(request, result.data)
+    except ProtocolError as exc:
+        raise AgentFailed(
+            f"the aggregator refused virtual agent {result.index}'s local model of round "
+            f"{round_number}: {exc}"
+        ) from None

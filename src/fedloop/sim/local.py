@@ -1,0 +1,171 @@
+"""The ``local`` simulation engine: virtual agents train in a pool of processes (or threads).
+
+Processes are the default: most engines hold Python's GIL for much of a small model's
+training step, so threads serialise (see docs/simulation.md for the measurement). Workers are
+started with ``spawn`` (never ``fork`` from a process running an event loop and SQLite), each
+builds the engine spec once, and reads the round's global model once from a file the driver
+writes — a task carries only agent indices. Agents go to workers in chunks, small enough that
+a chunk's local models stay under `CHUNK_BYTES`, so thousands of tiny agents do not pay one
+inter-process round trip each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import multiprocessing
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Mapping, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any, Literal
+
+from fedloop.errors import ConfigError, FedloopError
+from fedloop.protocol import codec
+from fedloop.sim.core import CHUNK_BYTES, AgentResult, EngineSpec, initial_model, train_agent
+from fedloop.types import Weights
+
+Pool = Literal["process", "thread"]
+
+# Per worker process: the engine spec and the global model of the round it last trained.
+_worker_spec: EngineSpec | None = None
+_worker_global: tuple[str, Weights] | None = None
+
+
+def _init_worker(spec: EngineSpec) -> None:
+    global _worker_spec
+    _worker_spec = spec
+
+
+def _worker_weights(path: str) -> Weights:
+    global _worker_global
+    if _worker_global is None or _worker_global[0] != path:
+        _worker_global = None  # drop the last round's model before reading this one
+        _worker_global = (path, codec.decode(Path(path).read_bytes()))
+    return _worker_global[1]
+
+
+def _worker_train(path: str, config: Mapping[str, Any], indices: list[int]) -> list[AgentResult]:
+    assert _worker_spec is not None, "worker started without _init_worker"
+    weights = _worker_weights(path)
+    return [train_agent(_worker_spec, i, weights, config) for i in indices]
+
+
+def _worker_initial() -> bytes | None:
+    assert _worker_spec is not None, "worker started without _init_worker"
+    return initial_model(_worker_spec)
+
+
+def _threads_train(
+    spec: EngineSpec, weights: Weights, config: Mapping[str, Any], indices: list[int]
+) -> list[AgentResult]:
+    return [train_agent(spec, i, weights, config) for i in indices]
+
+
+def _broken(exc: BrokenProcessPool) -> FedloopError:
+    return FedloopError(
+        f"a simulation worker process died ({exc}): out of memory, a crash in native code, or a "
+        "script without `if __name__ == '__main__':` around the run (workers are spawned and "
+        "import the main module); fix that, or try --pool thread"
+    )
+
+
+def chunk_size(agents: int, slots: int, model_bytes: int) -> int:
+    """Return how many agents one task trains: ~4 tasks per slot, results under CHUNK_BYTES."""
+    by_balance = math.ceil(agents / max(1, slots * 4))
+    by_memory = max(1, CHUNK_BYTES // max(1, model_bytes))
+    return max(1, min(by_balance, by_memory))
+
+
+class LocalBackend:
+    """Runs agents on this machine in ``workers`` processes (default: one per CPU) or threads."""
+
+    def __init__(self, workers: int | None = None, pool: Pool = "process") -> None:
+        if workers is not None and workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {workers}")
+        if pool not in ("process", "thread"):
+            raise ConfigError(f"--pool must be process or thread, not {pool!r}")
+        self.workers = workers or os.cpu_count() or 1
+        self.pool: Pool = pool
+        self._executor: Executor | None = None
+        self._spec: EngineSpec | None = None
+        self._tmp: Path | None = None
+
+    def describe(self) -> str:
+        plural = "es" if self.pool == "process" else "s"
+        return f"local, {self.workers} {self.pool}{plural if self.workers > 1 else ''}"
+
+    async def start(self, spec: EngineSpec) -> None:
+        self._spec = spec
+        if self.pool == "thread":
+            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="fedloop-sim")
+        else:
+            self._tmp = Path(tempfile.mkdtemp(prefix="fedloop-sim-"))
+            self._executor = ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(spec,),
+            )
+
+    async def initial_model(self) -> bytes | None:
+        assert self._executor is not None and self._spec is not None, "start() first"
+        loop = asyncio.get_running_loop()
+        if self.pool == "thread":
+            return await loop.run_in_executor(self._executor, initial_model, self._spec)
+        try:
+            return await loop.run_in_executor(self._executor, _worker_initial)
+        except BrokenProcessPool as exc:
+            raise _broken(exc) from None
+
+    async def train(
+        self,
+        round_number: int,
+        global_data: bytes,
+        config: Mapping[str, Any],
+        indices: Sequence[int],
+    ) -> AsyncIterator[AgentResult]:
+        assert self._executor is not None and self._spec is not None, "start() first"
+        loop = asyncio.get_running_loop()
+        size = chunk_size(len(indices), self.workers, len(global_data))
+        chunks = [list(indices[i : i + size]) for i in range(0, len(indices), size)]
+        config = dict(config)
+        path: Path | None = None
+        if self.pool == "thread":
+            weights = codec.decode(global_data)
+            futures = [
+                loop.run_in_executor(self._executor, _threads_train, self._spec, weights, config, c)
+                for c in chunks
+            ]
+        else:
+            assert self._tmp is not None
+            path = self._tmp / f"global-{round_number}.safetensors"
+            path.write_bytes(global_data)
+            futures = [
+                loop.run_in_executor(self._executor, _worker_train, str(path), config, c)
+                for c in chunks
+            ]
+        try:
+            for next_done in asyncio.as_completed(futures):
+                try:
+                    results = await next_done
+                except BrokenProcessPool as exc:
+                    raise _broken(exc) from None
+                for result in results:
+                    yield result
+        finally:
+            for future in futures:
+                future.cancel()
+            if path is not None:
+                path.unlink(missing_ok=True)
+
+    async def stop(self) -> None:
+        if self._executor is not None:
+            executor, self._executor = self._executor, None
+            await asyncio.to_thread(executor.shutdown, True, cancel_futures=True)
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None

@@ -1,0 +1,170 @@
+"""`fedloop simulate`: virtual agents over the real aggregator, on local workers and on Ray."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from fedloop.errors import ConfigError
+from fedloop.sim import AgentFailed, LocalBackend, RayBackend, SimSettings, run, sample_agents
+from fedloop.sim.cli import simulate
+from fedloop.store.db import Store, database_url
+from fedloop.types import Weights
+
+LOGREG = "fedloop.sim.engines:logreg_engine"
+
+
+class Boom:
+    """Agent 3 raises in train(); the others return the global model."""
+
+    def __init__(self, agent_index: int, num_agents: int) -> None:
+        self.index = agent_index
+
+    def initial_weights(self) -> Weights:
+        return {"w": np.zeros(3, dtype=np.float32)}
+
+    def train(
+        self, weights: Weights, config: Mapping[str, Any]
+    ) -> tuple[Weights, int, dict[str, float]]:
+        if self.index == 3:
+            raise ValueError("the data of agent 3 is corrupt")
+        return weights, 1, {}
+
+
+def records(data_dir: Path) -> tuple[dict[str, str], list[Any]]:
+    store = Store(database_url(data_dir, None))
+    try:
+        names = {a.id: a.name for a in store.agents()}
+        return names, store.global_models()
+    finally:
+        store.close()
+
+
+def test_sampled_agents_train_on_worker_processes_and_the_rounds_are_stored(
+    tmp_path: Path,
+) -> None:
+    settings = SimSettings(
+        LOGREG, num_agents=20, rounds=3, fraction=0.5, seed=4, data_dir=tmp_path / "run"
+    )
+    result = run(settings, LocalBackend(workers=2, pool="process"))
+
+    assert [r.round for r in result.rounds] == [1, 2, 3]
+    assert result.database == tmp_path / "run" / "fedloop.db" and result.database.is_file()
+    names, models = records(tmp_path / "run")
+    assert len(names) == 20
+    assert [m.round for m in models] == [0, 1, 2, 3]
+    for model in models[1:]:
+        # Exactly the agents the seeded sampler chose for the round, and nobody else.
+        chosen = sample_agents(20, 0.5, model.round, seed=4)
+        assert sorted(names[a] for a in model.contributors) == [f"sim-{i:06d}" for i in chosen]
+    assert models[-1].metrics["accuracy"] > 0.8  # the aggregator's own evaluation
+    assert result.rounds[-1].global_metrics == models[-1].metrics
+    assert set(result.rounds[-1].local_metrics_mean) == {"loss", "accuracy"}
+    assert result.worker_peak_rss_mb > 0 and result.driver_peak_rss_mb > 0
+
+
+def test_threads_and_processes_give_the_same_global_model(tmp_path: Path) -> None:
+    common: dict[str, Any] = {"num_agents": 12, "rounds": 2, "fraction": 0.5, "evaluate": False}
+    run(SimSettings(LOGREG, data_dir=tmp_path / "p", **common), LocalBackend(2, "process"))
+    run(SimSettings(LOGREG, data_dir=tmp_path / "t", **common), LocalBackend(3, "thread"))
+    # Blobs are content-addressed: the same id means bit-identical weights.
+    assert [m.model_id for m in records(tmp_path / "p")[1]] == [
+        m.model_id for m in records(tmp_path / "t")[1]
+    ]
+
+
+def test_a_failing_agent_stops_the_run_with_its_index_and_error(tmp_path: Path) -> None:
+    settings = SimSettings(f"{__name__}:Boom", num_agents=6, rounds=2, data_dir=tmp_path / "b")
+    with pytest.raises(AgentFailed, match=r"virtual agent 3 failed in train.*corrupt") as info:
+        run(settings, LocalBackend(2, "process"))
+    assert "Traceback" in info.value.details
+
+
+def test_an_earlier_run_is_kept_unless_overwrite(tmp_path: Path) -> None:
+    settings = SimSettings(LOGREG, num_agents=3, rounds=1, data_dir=tmp_path, evaluate=False)
+    run(settings, LocalBackend(1, "thread"))
+    with pytest.raises(ConfigError, match="--overwrite"):
+        run(settings, LocalBackend(1, "thread"))
+    settings.overwrite, settings.rounds = True, 2
+    assert len(run(settings, LocalBackend(1, "thread")).rounds) == 2
+    assert [m.round for m in records(tmp_path)[1]] == [0, 1, 2]
+
+
+def test_asynchronous_strategies_are_refused_with_a_reason(tmp_path: Path) -> None:
+    settings = SimSettings(LOGREG, num_agents=3, rounds=1, data_dir=tmp_path, strategy="fedbuff")
+    with pytest.raises(ConfigError, match="synchronous"):
+        run(settings, LocalBackend(1, "thread"))
+
+
+def cli() -> typer.Typer:
+    app = typer.Typer()
+    app.command()(simulate)
+
+    @app.command()
+    def other() -> None:  # a second command keeps typer's subcommand form: `app simulate …`
+        pass
+
+    return app
+
+
+def test_the_command_prints_the_table_the_database_and_a_json_summary(tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(
+        cli(),
+        [
+            "simulate",
+            "fedloop.ml.noop:NoopEngine",
+            "--set",
+            "model_mb=0.001",
+            "-n",
+            "30",
+            "--rounds",
+            "2",
+            "-C",
+            "0.2",
+            "--data-dir",
+            str(out),
+            "--workers",
+            "2",
+            "--pool",
+            "thread",
+            "--no-report",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert f"database: {out / 'fedloop.db'}" in result.output
+    assert "fedloop simulate" in result.output  # the table's title
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["rounds"] == 2 and summary["database"] == str(out / "fedloop.db")
+    assert all(len(m.contributors) == 6 for m in records(out)[1][1:])
+
+
+def test_the_command_reports_a_users_mistake_in_one_sentence(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        cli(), ["simulate", "no_such_pkg:f", "--data-dir", str(tmp_path), "--no-progress"]
+    )
+    assert result.exit_code == 2
+    assert "cannot import module 'no_such_pkg'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_ray_runs_the_same_simulation_as_local(tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="the ray engine needs `pip install 'ray[default]'`")
+    common: dict[str, Any] = {"num_agents": 8, "rounds": 2, "fraction": 0.5, "evaluate": False}
+    result = run(
+        SimSettings(LOGREG, data_dir=tmp_path / "ray", **common),
+        RayBackend(cpus_per_agent=0.5, num_cpus=2),
+    )
+    assert len(result.rounds) == 2
+    run(SimSettings(LOGREG, data_dir=tmp_path / "local", **common), LocalBackend(1, "thread"))
+    assert [m.model_id for m in records(tmp_path / "ray")[1]] == [
+        m.model_id for m in records(tmp_path / "local")[1]
+    ]

@@ -1,0 +1,119 @@
+"""Sampling, engine building and the aggregator settings of `fedloop simulate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedloop.aggregator.service import needed_uploads
+from fedloop.errors import ConfigError
+from fedloop.sim.core import (
+    AgentFailed,
+    EngineSpec,
+    SimSettings,
+    agents_per_round,
+    aggregator_config,
+    build_engine,
+    sample_agents,
+    train_agent,
+)
+from fedloop.sim.engines import logreg_engine
+from fedloop.sim.local import chunk_size
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "k"), [(30, 0.1, 3), (7, 1.0, 7), (1000, 0.0001, 1), (10, 0.25, 3), (3, 0.7, 3)]
+)
+def test_agents_per_round_is_ceil_of_c_times_n(n: int, c: float, k: int) -> None:
+    assert agents_per_round(n, c) == k
+
+
+@pytest.mark.parametrize(("n", "c"), [(0, 1.0), (10, 0.0), (10, 1.5), (10, -0.1)])
+def test_bad_agents_or_fraction_is_a_config_error(n: int, c: float) -> None:
+    with pytest.raises(ConfigError):
+        agents_per_round(n, c)
+
+
+def test_sampling_is_seeded_sorted_distinct_and_changes_per_round() -> None:
+    first = sample_agents(100, 0.1, 1, seed=7)
+    assert first == sample_agents(100, 0.1, 1, seed=7)
+    assert first == sorted(set(first)) and len(first) == 10
+    assert all(0 <= i < 100 for i in first)
+    assert first != sample_agents(100, 0.1, 2, seed=7)
+    assert first != sample_agents(100, 0.1, 1, seed=8)
+    assert sample_agents(5, 1.0, 3, seed=0) == [0, 1, 2, 3, 4]
+
+
+def test_every_agent_is_sampled_about_equally_often() -> None:
+    counts = np.zeros(50)
+    for r in range(1, 401):
+        counts[sample_agents(50, 0.2, r, seed=1)] += 1
+    assert counts.sum() == 400 * 10
+    assert counts.min() > 50 and counts.max() < 110  # expected 80 each
+
+
+@pytest.mark.parametrize(("n", "c"), [(10, 1.0), (10, 0.3), (1000, 0.1), (7, 0.7), (3, 0.01)])
+def test_a_round_closes_exactly_when_the_sampled_agents_are_in(n: int, c: float) -> None:
+    settings = SimSettings("fedloop.ml.noop:NoopEngine", n, fraction=c, evaluate=False)
+    config = aggregator_config(settings)
+    k = agents_per_round(n, c)
+    assert needed_uploads(config.aggregation_threshold, n, config.min_agents) == k
+    assert config.rounds == settings.rounds and config.max_agents >= n
+
+
+def test_the_aggregator_evaluates_with_agent_zeros_engine_when_it_can() -> None:
+    with_eval = aggregator_config(SimSettings("fedloop.sim.engines:logreg_engine", 4))
+    assert with_eval.evaluate is not None
+    assert with_eval.evaluate.params["agent_index"] == 0
+    assert with_eval.evaluate.params["num_agents"] == 4
+    assert aggregator_config(SimSettings("fedloop.ml.noop:NoopEngine", 4)).evaluate is None
+
+
+def test_factory_gets_agent_index_and_num_agents_only_if_it_takes_them() -> None:
+    assert EngineSpec("fedloop.ml.noop:NoopEngine", 5, {"model_mb": 0.01}).kwargs(2) == {
+        "model_mb": 0.01
+    }
+    kwargs = EngineSpec("fedloop.sim.engines:logreg_engine", 5, {"features": 3}).kwargs(2)
+    assert kwargs == {"features": 3, "agent_index": 2, "num_agents": 5}
+
+
+def test_building_something_that_is_not_an_engine_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no train"):
+        build_engine(EngineSpec("fedloop.sim.core:peak_rss_mb", 2), 0)
+    with pytest.raises(ConfigError, match="--set"):
+        build_engine(EngineSpec("fedloop.ml.noop:NoopEngine", 2, {"nope": 1}), 0)
+    with pytest.raises(AgentFailed, match=r"agent 1 failed in .*logreg_engine.*nope"):
+        build_engine(EngineSpec("fedloop.sim.engines:logreg_engine", 2, {"nope": 1}), 1)
+    with pytest.raises(ConfigError, match="cannot import"):
+        build_engine(EngineSpec("no_such_module_xyz:f", 2), 0)
+
+
+def test_train_agent_returns_encoded_weights_and_keeps_nothing() -> None:
+    spec = EngineSpec("fedloop.sim.engines:logreg_engine", 10, {"features": 4})
+    engine = build_engine(spec, 3)
+    result = train_agent(spec, 3, engine.initial_weights(), {"round": 1})
+    assert result.index == 3 and result.num_samples > 0
+    assert set(result.metrics) == {"loss", "accuracy"}
+    assert result.data[:8] != b"" and result.worker_rss_mb > 0
+
+
+def test_logreg_agents_are_deterministic_distinct_and_learn() -> None:
+    a = logreg_engine(0, 10, seed=1)
+    assert np.array_equal(a.x, logreg_engine(0, 10, seed=1).x)
+    assert not np.array_equal(a.x[:5], logreg_engine(1, 10, seed=1).x[:5])
+    weights = a.initial_weights()
+    before = a.evaluate(weights, {})
+    new, n, metrics = a.train(weights, {"round": 1, "epochs": 5})
+    after = a.evaluate(new, {})
+    assert n == len(a.y) and after["loss"] < before["loss"]
+    assert after["accuracy"] > 0.7 and metrics["accuracy"] > 0.7
+    with pytest.raises(ConfigError):
+        logreg_engine(10, 10)
+
+
+def test_chunks_balance_the_workers_and_bound_memory() -> None:
+    assert chunk_size(1000, 2, 100) == 125  # four tasks per worker
+    assert chunk_size(3, 8, 100) == 1
+    assert chunk_size(1000, 2, 40 * 1024 * 1024) == 1  # two 40 MB models exceed 64 MB
