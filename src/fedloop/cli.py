@@ -79,6 +79,11 @@ def agent(
     give_up_after: Annotated[
         float | None, typer.Option(help="Seconds to keep retrying an unreachable aggregator.")
     ] = None,
+    ca_file: Annotated[
+        Path | None, typer.Option(help="CA certificate to verify the aggregator's TLS with.")
+    ] = None,
+    cert: Annotated[Path | None, typer.Option(help="Agent certificate (mutual TLS).")] = None,
+    key: Annotated[Path | None, typer.Option(help="Agent private key (mutual TLS).")] = None,
     log_format: Annotated[str, typer.Option(help="text or json.")] = "text",
 ) -> None:
     """Run an agent (FL client) that drives an ML engine."""
@@ -86,6 +91,7 @@ def agent(
 
     from fedloop._loading import load_engine
     from fedloop.agent import Agent
+    from fedloop.agent.client import tls_context
     from fedloop.logs import setup_logging
 
     setup_logging("info", log_format)
@@ -102,6 +108,7 @@ def agent(
             mode=mode,  # type: ignore[arg-type]
             max_rounds=rounds,
             give_up_after=give_up_after,
+            tls=tls_context(ca_file, cert, key) if (ca_file or cert) else None,
         )
         state = runner.run()
         typer.echo(f"agent {agent_name} done: {state.rounds_trained} rounds trained")
@@ -275,6 +282,35 @@ def partition(
         typer.echo(f"{i:>5}  " + " ".join(f"{int(v):>6}" for v in row) + f"  {int(row.sum()):>6}")
     if plot is not None:
         typer.echo(str(plot))
+
+
+@app.command()
+def certs(
+    out: Annotated[Path, typer.Option(help="Directory for the CA, server and agent files.")] = Path(
+        "fedloop-certs"
+    ),
+    host: Annotated[
+        list[str], typer.Option(help="Name or IP the aggregator is reached at (repeatable).")
+    ] = ["localhost", "127.0.0.1"],  # noqa: B006 - typer reads the default, never mutates it
+    agent: Annotated[
+        list[str], typer.Option(help="Agent name to issue a client certificate for (repeatable).")
+    ] = [],  # noqa: B006
+) -> None:
+    """Make a development CA, a server certificate and agent certificates (mutual TLS)."""
+    from fedloop.security.certs import make_dev_pki
+
+    issued = make_dev_pki(out, host, agent)
+    typer.echo(
+        f"wrote {', '.join(str(i.cert) for i in issued.values())} (keys beside them, mode 600)"
+    )
+    typer.echo(
+        "aggregator.toml: "
+        f'tls_cert = "{issued["server"].cert}"  tls_key = "{issued["server"].key}"'
+        + (f'  tls_client_ca = "{issued["ca"].cert}"' if agent else "")
+    )
+    typer.echo(
+        f"agents: fedloop agent … --url https://{host[0]}:8765 --ca-file {issued['ca'].cert}"
+    )
 
 
 @app.command()

@@ -49,12 +49,24 @@ class AggregatorConfig(BaseModel):
     max_model_bytes: int = Field(2 * 1024**3, gt=0)
     max_agents: int = Field(100_000, ge=1)
     log_level: str = "info"
+    # TLS on the aggregator's port; with tls_client_ca, agents must present a certificate
+    # signed by that CA (mutual TLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     evaluate: EvaluateConfig | None = None
 
     @model_validator(mode="after")
     def _resolve(self) -> AggregatorConfig:
         self.data_dir = Path(self.data_dir)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        for path in (self.tls_cert, self.tls_key, self.tls_client_ca):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{path} does not exist")
         return self
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -26,14 +27,19 @@ def free_port() -> int:
         return port
 
 
-def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+def wait_until_up(
+    url: str,
+    process: subprocess.Popen[bytes],
+    timeout: float = 60.0,
+    verify: bool | ssl.SSLContext = True,
+) -> None:
     """Block until the aggregator at `url` answers its health check."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise FedloopError(f"the aggregator exited with code {process.returncode} at start")
         try:
-            if httpx.get(f"{url}/v1/health", timeout=1.0).status_code == 200:
+            if httpx.get(f"{url}/v1/health", timeout=1.0, verify=verify).status_code == 200:
                 return
         except httpx.TransportError:
             pass

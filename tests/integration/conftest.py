@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -39,10 +40,11 @@ class Server:
     settings: dict[str, Any]
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    tls: ssl.SSLContext | None = None  # client context when the aggregator serves TLS
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def data_dir(self) -> Path:
@@ -59,7 +61,7 @@ class Server:
             stderr=subprocess.STDOUT,
             env=env(),
         )
-        wait_until_up(self.url, self.process)
+        wait_until_up(self.url, self.process, verify=self.tls or True)
         return self
 
     def kill(self) -> None:
@@ -76,7 +78,7 @@ class Server:
                 self.process.kill()
 
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=30, **kwargs)
+        return httpx.get(self.url + path, timeout=30, verify=self.tls or True, **kwargs)
 
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = self.get("/v1/status").json()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -44,10 +46,23 @@ class Refused(ProtocolError):
     """The aggregator answered with a 4xx error; `code` says which."""
 
 
+def tls_context(
+    ca_file: str | Path | None = None, cert: str | Path | None = None, key: str | Path | None = None
+) -> ssl.SSLContext:
+    """Return a client TLS context trusting `ca_file` (or the system CAs), with an optional
+    client certificate for mutual TLS."""
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    if cert:
+        context.load_cert_chain(str(cert), str(key) if key else None)
+    return context
+
+
 class AggregatorClient:
     """Synchronous client of one aggregator (one HTTP connection pool)."""
 
-    def __init__(self, url: str, timeout: float = 120.0, verify: bool | str = True) -> None:
+    def __init__(
+        self, url: str, timeout: float = 120.0, verify: bool | ssl.SSLContext = True
+    ) -> None:
         self.url = url.rstrip("/")
         self.http = httpx.Client(
             base_url=self.url, timeout=httpx.Timeout(timeout, connect=5.0), verify=verify
@@ -168,7 +183,14 @@ class PushListener:
     The connection is the agent's own outbound one: the aggregator never connects to an agent.
     """
 
-    def __init__(self, url: str, agent_id: str, backoff_max: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        agent_id: str,
+        backoff_max: float = 5.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.tls = tls
         base = url.rstrip("/").replace("https://", "wss://", 1).replace("http://", "ws://", 1)
         self.ws_url = f"{base}/v1/ws?agent_id={agent_id}"
         self.backoff_max = backoff_max
@@ -202,7 +224,13 @@ class PushListener:
         delay = 0.1
         while not self._stop.is_set():
             try:
-                with connect(self.ws_url, open_timeout=5, close_timeout=1) as ws:
+                secure = self.ws_url.startswith("wss://")
+                with connect(
+                    self.ws_url,
+                    open_timeout=5,
+                    close_timeout=1,
+                    ssl=(self.tls or ssl.create_default_context()) if secure else None,
+                ) as ws:
                     self.connected, delay = True, 0.1
                     while not self._stop.is_set():
                         try:

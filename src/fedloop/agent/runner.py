@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import tempfile
 import threading
 from collections.abc import Callable, Mapping
@@ -52,7 +53,7 @@ class Agent:
         poll_wait: float = 10.0,
         backoff_max: float = 5.0,
         give_up_after: float | None = None,
-        verify: bool | str = True,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if not hasattr(engine, "train"):
             raise FedloopError("the ML engine must have a train(weights, config) method")
@@ -67,7 +68,8 @@ class Agent:
         self.poll_wait = poll_wait
         self.backoff_max = backoff_max
         self.give_up_after = give_up_after
-        self.client = AggregatorClient(aggregator_url, verify=verify)
+        self.tls = tls
+        self.client = AggregatorClient(aggregator_url, verify=tls if tls is not None else True)
         self.stop_event = threading.Event()
         self.push: PushListener | None = None
         self.state = self.dir.load(name)
@@ -119,7 +121,7 @@ class Agent:
         """Run rounds until the aggregator finishes the run, `max_rounds`, or `stop()`."""
         agent_id = self.register()
         if self.mode == "push":
-            self.push = PushListener(self.url, agent_id, self.backoff_max).start()
+            self.push = PushListener(self.url, agent_id, self.backoff_max, self.tls).start()
         try:
             while not self.stop_event.is_set():
                 if self.state.phase == Phase.WAITING_GM:

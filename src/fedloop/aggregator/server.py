@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import ssl
 
 import uvicorn
 
@@ -44,12 +45,18 @@ def serve(config: AggregatorConfig) -> None:
             lifespan="on",
             timeout_keep_alive=30,
             ws_max_size=1024 * 1024,
+            ssl_certfile=str(config.tls_cert) if config.tls_cert else None,
+            ssl_keyfile=str(config.tls_key) if config.tls_key else None,
+            ssl_ca_certs=str(config.tls_client_ca) if config.tls_client_ca else None,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if config.tls_client_ca else ssl.CERT_NONE,
         )
     )
     logging.getLogger("fedloop").info(
-        "aggregator listening on http://%s:%d (data in %s)",
+        "aggregator listening on %s://%s:%d (data in %s)%s",
+        "https" if config.tls_cert else "http",
         config.host,
         config.port,
         config.data_dir,
+        " with mutual TLS" if config.tls_client_ca else "",
     )
     server.run()
