@@ -146,10 +146,9 @@ def history(
 ) -> None:
     """Print one row per round: agents, samples, global metrics, seconds."""
     from rich.console import Console
-    from rich.table import Table
 
     from fedloop.config import load_config
-    from fedloop.history import history_rows
+    from fedloop.history import history_rows, history_table
     from fedloop.store.db import Store
     from fedloop.store.db import database_url as make_url
 
@@ -168,30 +167,7 @@ def history(
         for row in rows:
             typer.echo(json.dumps(row))
         return
-    keys = sorted({k for r in rows for k in r["global_metrics"]})
-    local_keys = sorted({k for r in rows for k in r["local_metrics_mean"]})
-    table = Table(title="fedloop history")
-    for column in [
-        "round",
-        "agents",
-        "samples",
-        *keys,
-        *(f"local {k}" for k in local_keys),
-        "seconds",
-    ]:
-        table.add_column(column, justify="right")
-    for r in rows:
-        table.add_row(
-            str(r["round"]),
-            str(r["agents"]),
-            str(r["samples"]),
-            *(f"{r['global_metrics'][k]:.4g}" if k in r["global_metrics"] else "" for k in keys),
-            *(
-                f"{r['local_metrics_mean'][k]:.4g}" if k in r["local_metrics_mean"] else ""
-                for k in local_keys
-            ),
-            f"{r['seconds']:.3f}",
-        )
+    table = history_table(rows)
     # Piped output has no terminal width; a wide console keeps the columns unabridged.
     console = Console() if sys.stdout.isatty() else Console(width=240)
     console.print(table)

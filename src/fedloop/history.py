@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from rich.table import Table
+
 from fedloop.store.db import Store
 
 
@@ -35,3 +37,26 @@ def history_rows(store: Store) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def history_table(rows: list[dict[str, Any]], title: str = "fedloop history") -> Table:
+    """Return `rows` as the rich table `fedloop history` and `fedloop simulate` print."""
+    keys = sorted({k for r in rows for k in r["global_metrics"]})
+    local_keys = sorted({k for r in rows for k in r["local_metrics_mean"]})
+    table = Table(title=title)
+    for column in ["round", "agents", "samples", *keys, *(f"local {k}" for k in local_keys)]:
+        table.add_column(column, justify="right")
+    table.add_column("seconds", justify="right")
+    for r in rows:
+        table.add_row(
+            str(r["round"]),
+            str(r["agents"]),
+            str(r["samples"]),
+            *(f"{r['global_metrics'][k]:.4g}" if k in r["global_metrics"] else "" for k in keys),
+            *(
+                f"{r['local_metrics_mean'][k]:.4g}" if k in r["local_metrics_mean"] else ""
+                for k in local_keys
+            ),
+            f"{r['seconds']:.3f}",
+        )
+    return table

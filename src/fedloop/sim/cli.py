@@ -122,6 +122,7 @@ class RichObserver(Observer):
 def history_table(data_dir: Path) -> tuple[Table, list[dict[str, Any]]]:
     """Return the run's per-round table (the columns of `fedloop history`) and its rows."""
     from fedloop.history import history_rows
+    from fedloop.history import history_table as table_of
     from fedloop.store.db import Store, database_url
 
     store = Store(database_url(data_dir, None))
@@ -129,25 +130,7 @@ def history_table(data_dir: Path) -> tuple[Table, list[dict[str, Any]]]:
         rows = history_rows(store)
     finally:
         store.close()
-    keys = sorted({k for r in rows for k in r["global_metrics"]})
-    local_keys = sorted({k for r in rows for k in r["local_metrics_mean"]})
-    table = Table(title=f"fedloop simulate — {data_dir}")
-    for column in ["round", "agents", "samples", *keys, *(f"local {k}" for k in local_keys)]:
-        table.add_column(column, justify="right")
-    table.add_column("seconds", justify="right")
-    for r in rows:
-        table.add_row(
-            str(r["round"]),
-            str(r["agents"]),
-            str(r["samples"]),
-            *(f"{r['global_metrics'][k]:.4g}" if k in r["global_metrics"] else "" for k in keys),
-            *(
-                f"{r['local_metrics_mean'][k]:.4g}" if k in r["local_metrics_mean"] else ""
-                for k in local_keys
-            ),
-            f"{r['seconds']:.3f}",
-        )
-    return table, rows
+    return table_of(rows, f"fedloop simulate — {data_dir}"), rows
 
 
 def write_report(data_dir: Path, plots: bool = True) -> Path | None:
