@@ -84,6 +84,15 @@ def agent(
     ] = None,
     cert: Annotated[Path | None, typer.Option(help="Agent certificate (mutual TLS).")] = None,
     key: Annotated[Path | None, typer.Option(help="Agent private key (mutual TLS).")] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FEDLOOP_TOKEN",
+            show_envvar=True,
+            help="Enrollment token (fedloop token create) for the first registration; the "
+            "credential it earns is kept in the workdir.",
+        ),
+    ] = None,
     log_format: Annotated[str, typer.Option(help="text or json.")] = "text",
 ) -> None:
     """Run an agent (FL client) that drives an ML engine."""
@@ -94,12 +103,12 @@ def agent(
     from fedloop.agent.client import tls_context
     from fedloop.logs import setup_logging
 
-    setup_logging("info", log_format)
+    agent_name = name or socket.gethostname()
+    setup_logging("info", log_format, agent=agent_name)
     if mode not in ("push", "poll"):
         _fail(FedloopError(f"--mode must be push or poll, not {mode!r}"))
     try:
         ml_engine = load_engine(engine, **_parse_sets(set_))
-        agent_name = name or socket.gethostname()
         runner = Agent(
             ml_engine,
             url,
@@ -109,6 +118,7 @@ def agent(
             max_rounds=rounds,
             give_up_after=give_up_after,
             tls=tls_context(ca_file, cert, key) if (ca_file or cert) else None,
+            enrollment_token=token,
         )
         state = runner.run()
         typer.echo(f"agent {agent_name} done: {state.rounds_trained} rounds trained")
@@ -298,6 +308,198 @@ def version() -> None:
     typer.echo(
         f"fedloop {__version__} (protocol {PROTOCOL_VERSION}, Python {sys.version.split()[0]})"
     )
+
+
+token_app = typer.Typer(
+    no_args_is_help=True,
+    help="Enrollment tokens for agents and admin tokens (aggregator config auth = true).",
+)
+app.add_typer(token_app, name="token")
+
+_TokenConfig = Annotated[Path | None, typer.Option(help="The aggregator's TOML config.")]
+_TokenDataDir = Annotated[Path | None, typer.Option(help="The aggregator's data directory.")]
+_TokenDatabase = Annotated[str | None, typer.Option(help="SQLAlchemy URL (PostgreSQL).")]
+_ExpiresIn = Annotated[
+    float | None, typer.Option(help="Seconds until the token expires (default: never).")
+]
+
+
+def _token_store(config: Path | None, data_dir: Path | None, database_url: str | None) -> Any:
+    """Return the Store of the aggregator that `config`/`data_dir`/`database_url` name."""
+    from fedloop.config import load_config
+    from fedloop.store.db import Store
+    from fedloop.store.db import database_url as make_url
+
+    cfg = load_config(config, data_dir=data_dir, database_url=database_url)
+    if cfg.database_url is None:
+        # Tokens may be made before the aggregator's first start: the database is created here.
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    return Store(make_url(cfg.data_dir, cfg.database_url))
+
+
+def _make_token(
+    kind: str,
+    name: str,
+    expires_in: float | None,
+    config: Path | None,
+    data_dir: Path | None,
+    database_url: str | None,
+) -> str:
+    import time
+
+    from pydantic import TypeAdapter, ValidationError
+
+    from fedloop.protocol.messages import AgentName
+    from fedloop.security import tokens
+
+    try:
+        TypeAdapter(AgentName).validate_python(name)
+    except ValidationError as exc:
+        raise FedloopError(
+            f"--name {name!r} is not an agent name: 1-128 of letters, digits and _.@:-"
+        ) from exc
+    if expires_in is not None and expires_in <= 0:
+        raise FedloopError("--expires-in must be a positive number of seconds")
+    prefix = tokens.ENROLLMENT_PREFIX if kind == tokens.ENROLLMENT else tokens.ADMIN_PREFIX
+    secret = tokens.new_secret(prefix)
+    now = time.time()
+    store = _token_store(config, data_dir, database_url)
+    try:
+        store.add_token(
+            kind,
+            name,
+            tokens.hash_secret(secret),
+            expires_at=None if expires_in is None else now + expires_in,
+            now=now,
+        )
+    finally:
+        store.close()
+    return secret
+
+
+@token_app.command("create")
+def token_create(
+    name: Annotated[str, typer.Option(help="The agent name the token enrolls (its --name).")],
+    expires_in: _ExpiresIn = None,
+    config: _TokenConfig = None,
+    data_dir: _TokenDataDir = None,
+    database_url: _TokenDatabase = None,
+) -> None:
+    """Make a one-time enrollment token for agent NAME; it is printed once, stored hashed."""
+    from fedloop.security import tokens
+
+    try:
+        secret = _make_token(tokens.ENROLLMENT, name, expires_in, config, data_dir, database_url)
+    except FedloopError as exc:
+        _fail(exc)
+        return
+    typer.echo(
+        f"enrollment token for agent {name!r} (shown once; give it to that site only, "
+        f"as fedloop agent --name {name} --token … or FEDLOOP_TOKEN):",
+        err=True,
+    )
+    typer.echo(secret)
+
+
+@token_app.command("admin")
+def token_admin(
+    name: Annotated[str, typer.Option(help="A label for who holds the token.")] = "admin",
+    expires_in: _ExpiresIn = None,
+    config: _TokenConfig = None,
+    data_dir: _TokenDataDir = None,
+    database_url: _TokenDatabase = None,
+) -> None:
+    """Make an admin token (dashboard data, history, /metrics); printed once, stored hashed."""
+    from fedloop.security import tokens
+
+    try:
+        secret = _make_token(tokens.ADMIN, name, expires_in, config, data_dir, database_url)
+    except FedloopError as exc:
+        _fail(exc)
+        return
+    typer.echo(
+        f"admin token {name!r} (shown once; dashboard: open /#token=<it>; Prometheus: "
+        "bearer_token):",
+        err=True,
+    )
+    typer.echo(secret)
+
+
+@token_app.command("list")
+def token_list(
+    config: _TokenConfig = None,
+    data_dir: _TokenDataDir = None,
+    database_url: _TokenDatabase = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
+) -> None:
+    """List tokens and credentials: kind, name, agent, times, state (never the secrets)."""
+    import time
+
+    try:
+        store = _token_store(config, data_dir, database_url)
+        try:
+            rows = store.tokens()
+        finally:
+            store.close()
+    except FedloopError as exc:
+        _fail(exc)
+        return
+    now = time.time()
+
+    def state(row: Any) -> str:
+        if row.revoked_at is not None:
+            return "revoked"
+        if row.expires_at is not None and now >= row.expires_at:
+            return "expired"
+        if row.kind == "enrollment" and row.used_at is not None:
+            return "used"
+        return "active"
+
+    def when(value: float | None) -> str:
+        return "-" if value is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+
+    for row in rows:
+        record = {
+            "id": row.id,
+            "kind": row.kind,
+            "name": row.name,
+            "agent_id": row.agent_id,
+            "state": state(row),
+            "created_at": row.created_at,
+            "expires_at": row.expires_at,
+            "used_at": row.used_at,
+            "revoked_at": row.revoked_at,
+        }
+        if as_json:
+            typer.echo(json.dumps(record))
+        else:
+            typer.echo(
+                f"{row.id:>4}  {row.kind:<10}  {row.name:<24}  {row.agent_id or '-':<16}  "
+                f"{record['state']:<8}  created {when(row.created_at)}  "
+                f"expires {when(row.expires_at)}  used {when(row.used_at)}"
+            )
+    if not rows and not as_json:
+        typer.echo("no tokens", err=True)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    name: Annotated[str, typer.Option(help="Agent name (or admin label) whose tokens to revoke.")],
+    config: _TokenConfig = None,
+    data_dir: _TokenDataDir = None,
+    database_url: _TokenDatabase = None,
+) -> None:
+    """Revoke every live enrollment token, credential and admin token bound to NAME."""
+    try:
+        store = _token_store(config, data_dir, database_url)
+        try:
+            count = store.revoke_tokens(name)
+        finally:
+            store.close()
+    except FedloopError as exc:
+        _fail(exc)
+        return
+    typer.echo(f"revoked {count} token(s) of {name!r}")
 
 
 def _register_simulate() -> None:

@@ -54,6 +54,11 @@ class AggregatorConfig(BaseModel):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # Bearer-token identity (docs/security.md): registration needs an enrollment token made
+    # by `fedloop token create`, every other agent request the agent's own credential, and
+    # the dashboard data, history and /metrics an admin token. Off by default for loopback
+    # experiments and simulations; the deploy config turns it on.
+    auth: bool = False
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     evaluate: EvaluateConfig | None = None
 

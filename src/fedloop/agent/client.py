@@ -57,13 +57,27 @@ def tls_context(
     return context
 
 
+def auth_header(token: str | None) -> dict[str, str]:
+    """Return the `Authorization: Bearer` header for `token`, or no header."""
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
 class AggregatorClient:
-    """Synchronous client of one aggregator (one HTTP connection pool)."""
+    """Synchronous client of one aggregator (one HTTP connection pool).
+
+    `token` goes along as `Authorization: Bearer` on every request: the agent's enrollment token
+    until it registers, its credential after that (an aggregator with auth on needs them).
+    """
 
     def __init__(
-        self, url: str, timeout: float = 120.0, verify: bool | ssl.SSLContext = True
+        self,
+        url: str,
+        timeout: float = 120.0,
+        verify: bool | ssl.SSLContext = True,
+        token: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        self.token = token
         self.http = httpx.Client(
             base_url=self.url, timeout=httpx.Timeout(timeout, connect=5.0), verify=verify
         )
@@ -72,6 +86,8 @@ class AggregatorClient:
         self.http.close()
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        if self.token:
+            kwargs["headers"] = {**kwargs.get("headers", {}), **auth_header(self.token)}
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
@@ -79,6 +95,13 @@ class AggregatorClient:
                 f"cannot reach the aggregator at {self.url} ({type(exc).__name__}: {exc}); "
                 "check that it is running and that the address is right"
             ) from exc
+        if response.status_code >= 500:
+            # A restarting aggregator behind a load balancer answers 502/503/504, and a 500 is
+            # the server's fault: all are worth another try, like a refused connection.
+            raise ConnectionFailed(
+                f"the aggregator at {self.url} answered {response.status_code} "
+                f"({response.text[:200].strip()!r}); it may be restarting"
+            )
         if response.status_code >= 400:
             try:
                 body = response.json()
@@ -189,8 +212,10 @@ class PushListener:
         agent_id: str,
         backoff_max: float = 5.0,
         tls: ssl.SSLContext | None = None,
+        token: str | None = None,
     ) -> None:
         self.tls = tls
+        self.token = token  # the agent's credential, sent on the handshake
         base = url.rstrip("/").replace("https://", "wss://", 1).replace("http://", "ws://", 1)
         self.ws_url = f"{base}/v1/ws?agent_id={agent_id}"
         self.backoff_max = backoff_max
@@ -230,6 +255,7 @@ class PushListener:
                     open_timeout=5,
                     close_timeout=1,
                     ssl=(self.tls or ssl.create_default_context()) if secure else None,
+                    additional_headers=auth_header(self.token),
                 ) as ws:
                     self.connected, delay = True, 0.1
                     while not self._stop.is_set():

@@ -21,8 +21,19 @@ from fedloop.types import Weights
 class Client:
     """A minimal blocking agent: you call each step yourself."""
 
-    def __init__(self, aggregator_url: str, name: str, *, poll_wait: float = 10.0) -> None:
-        self.client = AggregatorClient(aggregator_url)
+    def __init__(
+        self,
+        aggregator_url: str,
+        name: str,
+        *,
+        poll_wait: float = 10.0,
+        token: str | None = None,
+        credential: str | None = None,
+    ) -> None:
+        # With auth on: `token` is the enrollment token for the first registration, which sets
+        # `self.credential` (keep it: it is returned only once); `credential` is one kept before.
+        self.client = AggregatorClient(aggregator_url, token=credential or token)
+        self.credential = credential
         self.name = name
         self.poll_wait = poll_wait
         self.agent_id: str | None = None
@@ -32,6 +43,8 @@ class Client:
     def send_initial_model(self, weights: Mapping[str, np.ndarray]) -> str:
         """Register with `weights` as this agent's initial model; return the agent id."""
         reply = retry(lambda: self.client.register(self.name, weights))
+        if reply.credential:
+            self.credential = self.client.token = reply.credential
         self.agent_id = reply.agent_id
         return reply.agent_id
 

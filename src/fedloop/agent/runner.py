@@ -54,6 +54,7 @@ class Agent:
         backoff_max: float = 5.0,
         give_up_after: float | None = None,
         tls: ssl.SSLContext | None = None,
+        enrollment_token: str | None = None,
     ) -> None:
         if not hasattr(engine, "train"):
             raise FedloopError("the ML engine must have a train(weights, config) method")
@@ -69,7 +70,15 @@ class Agent:
         self.backoff_max = backoff_max
         self.give_up_after = give_up_after
         self.tls = tls
-        self.client = AggregatorClient(aggregator_url, verify=tls if tls is not None else True)
+        # With auth on: the one-time enrollment token goes with the first registration, which
+        # answers with this agent's own credential; that is kept in `dir` and sent from then on.
+        self.enrollment_token = enrollment_token
+        self.credential = self.dir.load_credential(name)
+        self.client = AggregatorClient(
+            aggregator_url,
+            verify=tls if tls is not None else True,
+            token=self.credential or enrollment_token,
+        )
         self.stop_event = threading.Event()
         self.push: PushListener | None = None
         self.state = self.dir.load(name)
@@ -105,7 +114,22 @@ class Agent:
     def register(self) -> str:
         """Register (again) and return the agent id; the first time the initial model goes along."""
         weights = None if self.state.agent_id else self._initial_weights()
-        reply = self._call(lambda: self.client.register(self.name, weights))
+        try:
+            reply = self._call(lambda: self.client.register(self.name, weights))
+        except Refused as exc:
+            # A stored credential that was revoked (or an aggregator on a new database):
+            # enroll again when the operator gave a new token.
+            token = self.enrollment_token
+            if exc.status != 401 or not token or self.client.token == token:
+                raise
+            log.warning("stored credential refused (%s); enrolling with the token", exc.code)
+            self.client.token = token
+            reply = self._call(lambda: self.client.register(self.name, weights))
+        if reply.credential:
+            # Before the state: an agent killed in between finds its credential on restart.
+            self.dir.save_credential(self.name, reply.credential)
+            self.credential = self.client.token = reply.credential
+            log.info("enrolled; credential kept in %s", self.dir.credential_file)
         self.state.agent_id = reply.agent_id
         self.asynchronous = reply.asynchronous
         self.dir.save(self.state)
@@ -121,7 +145,9 @@ class Agent:
         """Run rounds until the aggregator finishes the run, `max_rounds`, or `stop()`."""
         agent_id = self.register()
         if self.mode == "push":
-            self.push = PushListener(self.url, agent_id, self.backoff_max, self.tls).start()
+            self.push = PushListener(
+                self.url, agent_id, self.backoff_max, self.tls, token=self.client.token
+            ).start()
         try:
             while not self.stop_event.is_set():
                 if self.state.phase == Phase.WAITING_GM:

@@ -62,6 +62,7 @@ class StateDir:
         self.global_file = self.path / "global.safetensors"
         self.local_file = self.path / "local.safetensors"
         self.local_meta = self.path / "local.json"
+        self.credential_file = self.path / "credential.json"
 
     def load(self, name: str) -> AgentState:
         if not self.state_file.exists():
@@ -75,6 +76,24 @@ class StateDir:
 
     def save(self, state: AgentState) -> None:
         _atomic_write(self.state_file, json.dumps(asdict(state), indent=1).encode())
+
+    def load_credential(self, name: str) -> str | None:
+        """Return the credential the aggregator gave agent `name`, if this directory holds it."""
+        if not self.credential_file.exists():
+            return None
+        data = json.loads(self.credential_file.read_text())
+        if data.get("name") != name:
+            return None
+        credential = data.get("credential")
+        return str(credential) if credential else None
+
+    def save_credential(self, name: str, credential: str) -> None:
+        """Keep agent `name`'s credential, readable by this user only (mode 600)."""
+        # Durable: it is sent once, so a lost file means asking the operator for a new token.
+        # mkstemp (inside _atomic_write) creates the file with mode 600 before it is written.
+        data = json.dumps({"name": name, "credential": credential}).encode()
+        _atomic_write(self.credential_file, data)
+        os.chmod(self.credential_file, 0o600)
 
     def save_global(self, data: bytes) -> None:
         # No fsync: a process crash keeps the page cache, and after a power loss a damaged

@@ -15,8 +15,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from fedloop.aggregator import metrics
-from fedloop.aggregator.service import Aggregator
+from fedloop.aggregator import metrics, openapi
+from fedloop.aggregator.service import Aggregator, Principal
 from fedloop.config import AggregatorConfig
 from fedloop.dashboard import routes as dashboard_routes
 from fedloop.errors import ProtocolError
@@ -35,12 +35,32 @@ MAX_JSON_BYTES = 1024 * 1024
 LONG_POLL_MAX = 60.0
 
 
-def _error(status: int, code: str, detail: str) -> JSONResponse:
-    return JSONResponse(ErrorResponse(error=code, detail=detail).model_dump(), status_code=status)
+def _error(
+    status: int, code: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        ErrorResponse(error=code, detail=detail).model_dump(), status_code=status, headers=headers
+    )
+
+
+def _challenge(exc: ProtocolError) -> dict[str, str] | None:
+    """The `WWW-Authenticate` header a 401 carries (RFC 6750)."""
+    if exc.status != 401:
+        return None
+    return {"www-authenticate": f'Bearer realm="fedloop", error="invalid_token", code="{exc.code}"'}
 
 
 async def read_body(request: Request, limit: int) -> bytearray:
-    """Return the request body, refusing it as soon as it passes `limit` bytes."""
+    """Return the request body, refusing it as soon as it passes `limit` bytes.
+
+    The body is a `HashedBody`: its sha256 is computed chunk by chunk as it streams in, so
+    storing it as a blob does not read 100s of MB a second time.
+    """
+    import hashlib
+
+    from fedloop.store.blobs import HashedBody
+
+    hasher = hashlib.sha256()
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -54,24 +74,29 @@ async def read_body(request: Request, limit: int) -> bytearray:
                 "too_large",
             )
         # Known size: one allocation, filled in place (no regrowth copies of a large model).
-        body = bytearray(size)
+        body = HashedBody(size)
         view, filled = memoryview(body), 0
         async for chunk in request.stream():
             end = filled + len(chunk)
             if end > size:
                 raise ProtocolError("body is longer than its Content-Length", 400, "bad_request")
             view[filled:end] = chunk
+            hasher.update(chunk)
             filled = end
+        view.release()
         if filled != size:
             raise ProtocolError("body is shorter than its Content-Length", 400, "bad_request")
+        body.digest = hasher.hexdigest()
         return body
-    body = bytearray()
+    body = HashedBody()
     async for chunk in request.stream():
         body += chunk
+        hasher.update(chunk)
         if len(body) > limit:
             raise ProtocolError(
                 f"body exceeds the limit of {limit} bytes (max_model_bytes)", 413, "too_large"
             )
+    body.digest = hasher.hexdigest()
     return body
 
 
@@ -83,19 +108,28 @@ def create_app(config: AggregatorConfig, aggregator: Aggregator | None = None) -
     async def health(request: Request) -> Response:
         return JSONResponse({"ok": True, "protocol": PROTOCOL_VERSION})
 
+    async def who(request: Request) -> Principal | None:
+        # Before any body is read: a stranger's gigabyte is refused unread.
+        return await agg.authenticate(request.headers.get("authorization"))
+
     async def register(request: Request) -> Response:
+        principal = await who(request)
         message = parse_message(RegisterRequest, request.headers.get(MESSAGE_HEADER))
+        agg.check_registrant(principal, message.agent_name)
         body = await read_body(request, limit)
-        reply = await agg.register(message, body)
+        reply = await agg.register(message, body, principal)
         return JSONResponse(reply.model_dump())
 
     async def upload(request: Request) -> Response:
+        principal = await who(request)
         message = parse_message(UploadRequest, request.headers.get(MESSAGE_HEADER))
+        agg.require_agent(principal, message.agent_id)
         body = await read_body(request, limit)
         reply = await agg.upload(message, body)
         return JSONResponse(reply.model_dump())
 
     async def latest_global(request: Request) -> Response:
+        agg.require_reader(await who(request))
         try:
             after = int(request.query_params.get("after", "-1"))
             wait = min(float(request.query_params.get("wait", "0")), LONG_POLL_MAX)
@@ -112,8 +146,12 @@ def create_app(config: AggregatorConfig, aggregator: Aggregator | None = None) -
         )
 
     async def global_by_round(request: Request) -> Response:
+        agg.require_reader(await who(request))
         number = int(request.path_params["round"])
-        row = await asyncio.to_thread(agg.store.global_model, number)
+        # Beyond int64 no round can exist, and the database cannot even be asked.
+        row = (
+            None if number > 2**63 - 1 else await asyncio.to_thread(agg.store.global_model, number)
+        )
         if row is None:
             raise ProtocolError(
                 f"there is no global model for round {number}", 404, "no_such_round"
@@ -129,8 +167,10 @@ def create_app(config: AggregatorConfig, aggregator: Aggregator | None = None) -
         )
 
     async def evaluations(request: Request) -> Response:
+        principal = await who(request)
         body = await read_body(request, MAX_JSON_BYTES)
         message = parse_message(MetricsReport, bytes(body))
+        agg.require_agent(principal, message.agent_id)
         await agg.report(message)
         return JSONResponse({"protocol": PROTOCOL_VERSION, "accepted": True})
 
@@ -140,11 +180,25 @@ def create_app(config: AggregatorConfig, aggregator: Aggregator | None = None) -
     async def history(request: Request) -> Response:
         from fedloop.history import history_rows
 
+        agg.require_admin(await who(request))
+
         rows = await asyncio.to_thread(history_rows, agg.store)
         return JSONResponse({"protocol": PROTOCOL_VERSION, "rounds": rows})
 
     async def push(websocket: WebSocket) -> None:
         agent_id = websocket.query_params.get("agent_id", "")
+        try:
+            principal = await agg.authenticate(websocket.headers.get("authorization"))
+            agg.require_agent(principal, agent_id)
+        except ProtocolError as exc:
+            refusal(websocket, exc)
+            try:
+                await websocket.send_denial_response(
+                    _error(exc.status, exc.code, str(exc), _challenge(exc))
+                )
+            except RuntimeError:  # a server without the denial-response extension
+                await websocket.close(code=4000 + exc.status, reason=exc.code)
+            return
         if agent_id not in agg.agents:
             await websocket.close(code=4404, reason="unknown agent; register first")
             return
@@ -170,12 +224,23 @@ def create_app(config: AggregatorConfig, aggregator: Aggregator | None = None) -
                 task.cancel()
             agg.unsubscribe(agent_id, queue)
 
-    async def protocol_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ProtocolError)
+    def refusal(connection: Request | WebSocket, exc: ProtocolError) -> None:
         agg.stats["rejected"] += 1
         agg.rejected_by_reason[exc.code] = agg.rejected_by_reason.get(exc.code, 0) + 1
-        log.warning("%s %s refused: %s", request.method, request.url.path, exc)
-        return _error(exc.status, exc.code, str(exc))
+        method = connection.method if isinstance(connection, Request) else "WS"
+        log.warning("%s %s refused: %s", method, connection.url.path, exc)
+
+    async def protocol_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ProtocolError)
+        refusal(request, exc)
+        return _error(exc.status, exc.code, str(exc), _challenge(exc))
+
+    scrape = metrics.route(agg)
+
+    async def admin_metrics(request: Request) -> Response:
+        agg.require_admin(await who(request))
+        response: Response = await scrape.endpoint(request)
+        return response
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -193,7 +258,8 @@ def create_app(config: AggregatorConfig, aggregator: Aggregator | None = None) -
         Route("/v1/status", status),
         Route("/v1/history", history),
         WebSocketRoute("/v1/ws", push),
-        metrics.route(agg),
+        Route(scrape.path, admin_metrics),
+        Route("/openapi.json", openapi.endpoint),
         *dashboard_routes(agg),
     ]
     app = Starlette(

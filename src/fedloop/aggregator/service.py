@@ -26,6 +26,7 @@ import numpy as np
 from fedloop._loading import load_engine
 from fedloop.config import AggregatorConfig
 from fedloop.errors import ProtocolError
+from fedloop.logs import current_agent, set_round_source
 from fedloop.protocol import codec
 from fedloop.protocol.codec import ModelSpec
 from fedloop.protocol.messages import (
@@ -38,6 +39,7 @@ from fedloop.protocol.messages import (
     UploadRequest,
     UploadResponse,
 )
+from fedloop.security import tokens
 from fedloop.store.blobs import BlobStore
 from fedloop.store.db import (
     AgentRow,
@@ -45,6 +47,7 @@ from fedloop.store.db import (
     GlobalModelRow,
     LocalModelRow,
     Store,
+    TokenSpent,
     database_url,
 )
 from fedloop.strategies import RunningMean, Strategy, Update
@@ -64,6 +67,24 @@ class GlobalModel:
     weights: Weights
     data: bytes
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who sent a request, as its bearer token says (auth on): the token's kind and binding."""
+
+    kind: str  # tokens.ENROLLMENT, tokens.CREDENTIAL or tokens.ADMIN
+    token_id: int
+    name: str  # the agent name an enrollment token or credential is bound to
+    agent_id: str | None  # set on credentials
+
+
+def _unauthenticated(detail: str, code: str = "unauthenticated") -> ProtocolError:
+    return ProtocolError(detail, 401, code)
+
+
+def _forbidden(detail: str, code: str) -> ProtocolError:
+    return ProtocolError(detail, 403, code)
 
 
 def needed_uploads(threshold: float, registered: int, min_agents: int) -> int:
@@ -117,6 +138,7 @@ class Aggregator:
         """Load the committed state (a restart resumes the same round) and start the clock."""
         await asyncio.to_thread(self._load)
         self._ticker = asyncio.create_task(self._tick())
+        set_round_source(lambda: self.round or None)
         # Killed after the last upload of a round committed but before its aggregation did.
         self._maybe_close("threshold")
 
@@ -241,18 +263,155 @@ class Aggregator:
                 404,
                 "unknown_agent",
             )
+        current_agent.set(agent_id)  # every log line of this request names the agent
         self.last_seen[agent_id] = time.time()
 
+    # --- identity (auth on) ----------------------------------------------------------------
+    async def authenticate(self, authorization: str | None) -> Principal | None:
+        """Return who an `Authorization` header says sent a request; None while auth is off.
+
+        Raises a 401 ProtocolError for a missing, unknown, revoked, expired or spent token.
+        """
+        if not self.config.auth:
+            return None
+        secret = tokens.bearer(authorization)
+        if secret is None:
+            raise _unauthenticated(
+                "this aggregator requires 'Authorization: Bearer <token>': to register, an "
+                "enrollment token from its operator (fedloop token create; give it to the agent "
+                "as --token or FEDLOOP_TOKEN), the agent's own credential after that"
+            )
+        row = await asyncio.to_thread(self.store.token_by_hash, tokens.hash_secret(secret))
+        if row is None:
+            raise _unauthenticated("the bearer token is not known to this aggregator")
+        if row.revoked_at is not None:
+            raise _unauthenticated(
+                f"the {row.kind} token for {row.name!r} was revoked; ask the operator for a new "
+                "enrollment token",
+                "token_revoked",
+            )
+        if row.expires_at is not None and time.time() >= row.expires_at:
+            raise _unauthenticated(
+                f"the {row.kind} token for {row.name!r} has expired; ask the operator for a new "
+                "one",
+                "token_expired",
+            )
+        if row.kind == tokens.ENROLLMENT and row.used_at is not None:
+            raise _unauthenticated(
+                f"the enrollment token for {row.name!r} was already used; an enrolled agent "
+                "authenticates with the credential it received (kept in its workdir)",
+                "token_used",
+            )
+        return Principal(row.kind, row.id, row.name, row.agent_id)
+
+    @staticmethod
+    def require_agent(principal: Principal | None, agent_id: str) -> None:
+        """Refuse (403) unless the request comes from agent `agent_id`'s own credential."""
+        if principal is None:
+            return
+        if principal.kind != tokens.CREDENTIAL:
+            raise _forbidden(
+                f"this request needs an agent's credential, not an {principal.kind} token",
+                "wrong_token_type",
+            )
+        if principal.agent_id != agent_id:
+            raise _forbidden(
+                f"the credential belongs to agent {principal.agent_id} ({principal.name!r}); "
+                f"an agent can only act as itself, not as {agent_id}",
+                "wrong_agent",
+            )
+
+    @staticmethod
+    def require_reader(principal: Principal | None) -> None:
+        """Refuse (403) an enrollment token where an agent's credential or admin token is due."""
+        if principal is not None and principal.kind not in (tokens.CREDENTIAL, tokens.ADMIN):
+            raise _forbidden(
+                "global models are for enrolled agents: register with the enrollment token, "
+                "then use the credential it returns",
+                "wrong_token_type",
+            )
+
+    @staticmethod
+    def require_admin(principal: Principal | None) -> None:
+        """Refuse (403) anything but an admin token (fedloop token admin)."""
+        if principal is not None and principal.kind != tokens.ADMIN:
+            raise _forbidden(
+                f"this needs an admin token (fedloop token admin), not an {principal.kind} token",
+                "wrong_token_type",
+            )
+
+    def check_registrant(self, principal: Principal | None, name: str) -> None:
+        """Refuse (403) a token that may not register agent `name`."""
+        if principal is None:
+            return
+        if principal.kind == tokens.ADMIN:
+            raise _forbidden(
+                "an admin token cannot register an agent; use an enrollment token made by "
+                f"fedloop token create --name {name}",
+                "wrong_token_type",
+            )
+        if principal.kind == tokens.ENROLLMENT and principal.name != name:
+            raise _forbidden(
+                f"the enrollment token is for agent {principal.name!r}, not {name!r}",
+                "wrong_agent",
+            )
+        if principal.kind == tokens.CREDENTIAL and principal.agent_id != self.agent_ids.get(name):
+            raise _forbidden(
+                f"the credential belongs to agent {principal.name!r}; it cannot register {name!r}",
+                "wrong_agent",
+            )
+
+    async def _enroll(
+        self, principal: Principal | None, agent_id: str, name: str, now: float, new_agent: bool
+    ) -> str | None:
+        """Spend an enrollment token on `agent_id`; return its new credential (or None)."""
+        if principal is None or principal.kind != tokens.ENROLLMENT:
+            if new_agent:
+                await asyncio.to_thread(self.store.add_agent, agent_id, name, now)
+            return None
+        credential = tokens.new_secret(tokens.CREDENTIAL_PREFIX)
+        try:
+            await asyncio.to_thread(
+                self.store.enroll,
+                principal.token_id,
+                agent_id,
+                name,
+                tokens.hash_secret(credential),
+                now,
+                new_agent,
+            )
+        except TokenSpent as exc:
+            raise _unauthenticated(
+                f"the enrollment token for {name!r} was used or revoked meanwhile", "token_used"
+            ) from exc
+        log.info("agent %s (%s) enrolled with token #%d", name, agent_id, principal.token_id)
+        return credential
+
     # --- registration ---------------------------------------------------------------------
-    async def register(self, request: RegisterRequest, body: bytes | bytearray) -> RegisterResponse:
-        """The book's participate → welcome: the same name always gets the same id."""
+    async def register(
+        self,
+        request: RegisterRequest,
+        body: bytes | bytearray,
+        principal: Principal | None = None,
+    ) -> RegisterResponse:
+        """The book's participate → welcome: the same name always gets the same id.
+
+        With auth on, `principal` is an enrollment token for this name (a new agent, or a known
+        one that lost its credential: it gets a new one, the old one is revoked) or the agent's
+        own credential (nothing new is issued).
+        """
         async with self.lock:
+            self.check_registrant(principal, request.agent_name)
             weights = None
             if body:
                 weights = await asyncio.to_thread(codec.decode_checked, body, self.spec)
             existing = self.agent_ids.get(request.agent_name)
+            credential = None
             if existing is not None:
                 agent_id = existing
+                credential = await self._enroll(
+                    principal, agent_id, request.agent_name, time.time(), new_agent=False
+                )
             else:
                 if len(self.agents) >= self.config.max_agents:
                     raise ProtocolError(
@@ -272,12 +431,21 @@ class Aggregator:
                 now = time.time()
                 if self.spec is None:
                     assert weights is not None
+                    # A crash between the bootstrap and the enrollment leaves the agent known
+                    # and the token unspent: the agent's retry with it re-enrolls.
                     await asyncio.to_thread(
                         self._bootstrap, agent_id, request.agent_name, weights, now
                     )
+                    self.agents[agent_id] = request.agent_name
+                    self.agent_ids[request.agent_name] = agent_id
                     self._announce()
+                    credential = await self._enroll(
+                        principal, agent_id, request.agent_name, now, new_agent=False
+                    )
                 else:
-                    await asyncio.to_thread(self.store.add_agent, agent_id, request.agent_name, now)
+                    credential = await self._enroll(
+                        principal, agent_id, request.agent_name, now, new_agent=True
+                    )
                 self.agents[agent_id] = request.agent_name
                 self.agent_ids[request.agent_name] = agent_id
                 log.info(
@@ -293,6 +461,7 @@ class Aggregator:
                 global_round=self.global_round,
                 finished=self.finished,
                 asynchronous=self.asynchronous,
+                credential=credential,
             )
 
     def _bootstrap(self, agent_id: str, name: str, weights: Weights, now: float) -> None:
@@ -305,9 +474,9 @@ class Aggregator:
         )
         data = codec.encode(initial)
         model_id = self.blobs.put(data)
-        self.store.set_meta(SPEC_KEY, spec.to_json())
-        self.store.add_agent(agent_id, name, now)
-        self.store.commit_global(
+        self.store.bootstrap(
+            {SPEC_KEY: spec.to_json()},
+            AgentRow(id=agent_id, name=name, registered_at=now, last_seen=now),
             GlobalModelRow(
                 round=0,
                 model_id=model_id,
@@ -318,8 +487,7 @@ class Aggregator:
                 state_id=None,
                 created_at=now,
             ),
-            next_round=1,
-            now=now,
+            now,
         )
         self.spec = spec
         metrics = self._evaluate(initial)
@@ -404,7 +572,10 @@ class Aggregator:
         """Validate a local model and write its blob (outside the lock: uploads overlap)."""
         assert self.spec is not None
         weights = codec.decode_checked(body, self.spec)
-        return weights, self.blobs.put(body)
+        # A body read by the HTTP layer (or a simulation worker) was hashed while it was
+        # filled (`HashedBody.digest`): do not hash 100s of MB a second time.
+        digest: str | None = getattr(body, "digest", None)
+        return weights, self.blobs.put(body, key=digest)
 
     async def upload(self, request: UploadRequest, body: bytes | bytearray) -> UploadResponse:
         """Accept a local model for the current round, or refuse it with the reason."""
@@ -533,10 +704,15 @@ class Aggregator:
         assert self.global_model is not None and self.spec is not None
         started = time.perf_counter()
         updates = [self.pending[k] for k in sorted(self.pending)]
+        from fedloop.strategies.fedavg import returns_mean
+
+        # FedAvg returns the running mean itself: let it come out in the model's dtypes,
+        # divided and cast in one pass, instead of a float64 copy cast back afterwards.
+        like = self.global_model.weights if returns_mean(self.strategy) else None
         # Async strategies take t, the version the updates' staleness is measured against.
         result = self.strategy.aggregate(
             self.global_model.weights,
-            [self.running.as_update(self.global_round)] if self.streams else updates,
+            [self.running.as_update(self.global_round, like=like)] if self.streams else updates,
             server_round=self.global_round if self.asynchronous else self.round,
         )
         new = {
@@ -545,6 +721,7 @@ class Aggregator:
         }
         codec.check_against(new, self.spec)
         data = codec.encode(new)
+        new = codec.decode(data)  # views into `data`: the global model is held once, not twice
         model_id = self.blobs.put(data)
         state = self.strategy.state()
         state_id = self.blobs.put(codec.encode(state)) if state else None

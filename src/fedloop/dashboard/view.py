@@ -86,7 +86,9 @@ class RoundCache:
                 self.rounds[number] = _summary(found, store.local_models(number), names)
 
     def since(self, after: int, up_to: int) -> list[dict[str, Any]]:
-        return [self.rounds[n] for n in range(after + 1, up_to + 1) if n in self.rounds]
+        # Over the cached keys, not range(after, up_to): a huge negative `after` from a query
+        # string must not become a loop of billions on the event loop.
+        return [self.rounds[n] for n in sorted(self.rounds) if after < n <= up_to]
 
 
 def agent_rows(aggregator: Aggregator, now: float) -> list[dict[str, Any]]:
@@ -154,6 +156,11 @@ def routes(aggregator: Aggregator) -> list[BaseRoute]:
         )
 
     async def data(request: Request) -> Response:
+        # Agent names and every metric: with auth on, for admin tokens only (the page itself
+        # and its static files hold no data and stay open).
+        aggregator.require_admin(
+            await aggregator.authenticate(request.headers.get("authorization"))
+        )
         try:
             since = int(request.query_params.get("since", "-1"))
         except ValueError as exc:

@@ -9,6 +9,7 @@ received bytes) and refuses any header whose offsets do not tile the data exactl
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -120,7 +121,7 @@ def read_header(data: Bytes) -> tuple[dict[str, Any], int]:
         raise ProtocolError("safetensors header length exceeds the body", 400, "bad_model")
     try:
         header = json.loads(bytes(data[8 : 8 + size]))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError(f"safetensors header is not JSON: {exc}", 400, "bad_model") from exc
     if not isinstance(header, dict):
         raise ProtocolError("safetensors header must be a JSON object", 400, "bad_model")
@@ -143,11 +144,11 @@ def decode(data: Bytes) -> Weights:
             kind = info["dtype"]
             shape = tuple(int(s) for s in info["shape"])
             begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ProtocolError(
                 f"tensor {name!r} has a malformed header entry", 400, "bad_model"
             ) from exc
-        if kind not in _DTYPES:
+        if not isinstance(kind, str) or kind not in _DTYPES:
             raise ProtocolError(
                 f"tensor {name!r} has dtype {kind!r}, which fedloop does not accept "
                 f"(accepted: {', '.join(_DTYPES)})",
@@ -157,7 +158,8 @@ def decode(data: Bytes) -> Weights:
         if any(s < 0 for s in shape):
             raise ProtocolError(f"tensor {name!r} has a negative dimension", 400, "bad_model")
         dtype = _DTYPES[kind]
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        # Python ints: an int64 product of huge dimensions would overflow or wrap around.
+        expected = math.prod(shape) * dtype.itemsize
         if end - begin != expected or begin < 0:
             raise ProtocolError(
                 f"tensor {name!r} spans {end - begin} bytes but dtype and shape need {expected}",
@@ -179,6 +181,24 @@ def decode(data: Bytes) -> Weights:
     for begin, end, name, dtype, shape in entries:
         weights[name] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape)
     return weights
+
+
+_FINITE_BLOCK = 1 << 18  # elements per block: a small reused bool buffer, stays in cache
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """Return True if no element is NaN or ±Inf, checked in blocks (no model-sized temporary)."""
+    flat = array.reshape(-1)  # a view for the contiguous arrays decode returns
+    if flat.size <= _FINITE_BLOCK:
+        return bool(np.isfinite(flat).all())
+    mask = np.empty(_FINITE_BLOCK, dtype=bool)
+    for start in range(0, flat.size, _FINITE_BLOCK):
+        block = flat[start : start + _FINITE_BLOCK]
+        out = mask[: block.size]
+        np.isfinite(block, out=out)
+        if not out.all():
+            return False
+    return True
 
 
 def check_against(weights: Mapping[str, np.ndarray], spec: ModelSpec) -> None:
@@ -211,7 +231,7 @@ def check_against(weights: Mapping[str, np.ndarray], spec: ModelSpec) -> None:
                 422,
                 "wrong_shape",
             )
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
+        if array.dtype.kind == "f" and not all_finite(array):
             raise ProtocolError(
                 f"tensor {name!r} contains NaN or Inf; fix the training that produced it",
                 422,

@@ -45,6 +45,10 @@ class RegisterResponse(Message):
     ``asynchronous``: the aggregator accepts local models trained on older global models
     (FedAsync, FedBuff), so an agent uploads what it trained even if a newer global model
     appeared meanwhile.
+
+    ``credential``: with auth on, the agent's own secret, sent once, in the answer to the
+    registration that spent its enrollment token; the agent keeps it and sends it as
+    ``Authorization: Bearer`` on every later request (docs/security.md).
     """
 
     agent_id: AgentId
@@ -52,6 +56,7 @@ class RegisterResponse(Message):
     global_round: int
     finished: bool = False
     asynchronous: bool = False
+    credential: str | None = None
 
 
 class UploadRequest(Message):
@@ -148,12 +153,17 @@ def parse_message(model: type[M], raw: str | bytes | None) -> M:
         raise ProtocolError(f"missing {model.__name__} message", 400, "missing_message")
     try:
         data: Any = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError(f"message is not valid JSON: {exc}", 400, "bad_json") from exc
     if not isinstance(data, dict):
         raise ProtocolError("message must be a JSON object", 400, "bad_json")
     version = data.get("protocol")
-    if version not in SUPPORTED_VERSIONS:
+    # isinstance first: a list or dict is unhashable, and True == 1 must not pass as version 1.
+    if (
+        not isinstance(version, int)
+        or isinstance(version, bool)
+        or version not in SUPPORTED_VERSIONS
+    ):
         raise ProtocolError(
             f"protocol version {version!r} is not supported; this aggregator speaks "
             f"{sorted(SUPPORTED_VERSIONS)} — upgrade the agent or the aggregator to match",

@@ -10,6 +10,11 @@ ENROLLMENT_PREFIX = "fle_"  # one-time enrollment token, exchanged at registrati
 CREDENTIAL_PREFIX = "flc_"  # an agent's own credential
 ADMIN_PREFIX = "fla_"  # admin token for API writes and dashboard controls
 
+# The `kind` of a stored token row (fedloop.store.db.TokenRow).
+ENROLLMENT = "enrollment"
+CREDENTIAL = "credential"
+ADMIN = "admin"
+
 
 def new_secret(prefix: str) -> str:
     """Return a fresh 256-bit secret, URL-safe, with a prefix that says what it is."""

@@ -13,6 +13,7 @@ import asyncio
 import inspect
 import logging
 import math
+import os
 import resource
 import shutil
 import time
@@ -156,7 +157,12 @@ def build_engine(spec: EngineSpec, agent_index: int) -> Any:
 
 @dataclass
 class AgentResult:
-    """One virtual agent's round: its local model as safetensors bytes, samples and metrics."""
+    """One virtual agent's round: its local model as safetensors bytes, samples and metrics.
+
+    A worker process may leave the bytes in a file instead (``path``, ``data`` empty, with
+    their sha256 in ``digest``), so 100s of MB do not travel pickled through a pipe;
+    `body()` returns them either way.
+    """
 
     index: int
     data: bytes
@@ -164,6 +170,31 @@ class AgentResult:
     metrics: dict[str, float]
     seconds: float
     worker_rss_mb: float
+    path: str | None = None
+    digest: str | None = None
+
+    def body(self) -> bytes | bytearray:
+        """Return the local model's bytes, reading (and deleting) the worker's file if any."""
+        if self.path is None:
+            return self.data
+        from fedloop.store.blobs import HashedBody
+
+        path = Path(self.path)
+        with path.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            body = HashedBody(size)
+            view = memoryview(body)
+            filled = 0
+            while filled < size:
+                got = handle.readinto(view[filled:])
+                if not got:
+                    raise FedloopError(f"{path} ended after {filled} of {size} bytes")
+                filled += got
+            view.release()
+        path.unlink(missing_ok=True)
+        body.digest = self.digest
+        self.path = None
+        return body
 
 
 def _failed(index: int, where: str, exc: BaseException) -> AgentFailed:
@@ -519,7 +550,8 @@ async def _upload(agg: Any, agent_id: str, round_number: int, result: AgentResul
             f"metrics={result.metrics}); return a count >= 0 and finite metrics"
         ) from None
     try:
-        await agg.upload(request, result.data)
+        body = result.data if result.path is None else await asyncio.to_thread(result.body)
+        await agg.upload(request, body)
     except ProtocolError as exc:
         raise AgentFailed(
             f"the aggregator refused virtual agent {result.index}'s local model of round "

@@ -4,19 +4,25 @@ Processes are the default: most engines hold Python's GIL for much of a small mo
 training step, so threads serialise (see docs/simulation.md for the measurement). Workers are
 started with ``spawn`` (never ``fork`` from a process running an event loop and SQLite), each
 builds the engine spec once, and reads the round's global model once from a file the driver
-writes — a task carries only agent indices. Agents go to workers in chunks, small enough that
-a chunk's local models stay under `CHUNK_BYTES`, so thousands of tiny agents do not pay one
-inter-process round trip each.
+writes — a task carries only agent indices. Local models of `FILE_BYTES` or more come back the
+same way: the worker writes each to a file (in /dev/shm when there is one: memory, no disk)
+with its sha256, and only the path travels through the pool's pipe, instead of 100s of MB
+pickled, copied through the pipe and unpickled, then hashed again by the driver. Agents go to
+workers in chunks, small enough that a chunk's local models stay under `CHUNK_BYTES`, so
+thousands of tiny agents do not pay one inter-process round trip each.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import math
 import multiprocessing
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -29,6 +35,9 @@ from fedloop.sim.core import CHUNK_BYTES, AgentResult, EngineSpec, initial_model
 from fedloop.types import Weights
 
 Pool = Literal["process", "thread"]
+
+# Local models at least this large go back to the driver as files, not through the pipe.
+FILE_BYTES = 1024 * 1024
 
 # Per worker process: the engine spec and the global model of the round it last trained.
 _worker_spec: EngineSpec | None = None
@@ -48,10 +57,26 @@ def _worker_weights(path: str) -> Weights:
     return _worker_global[1]
 
 
+def _to_file(result: AgentResult, directory: Path) -> AgentResult:
+    """Return the result with its bytes moved to a file in `directory`, hashed on the way."""
+    if len(result.data) < FILE_BYTES:
+        return result
+    target = directory / f"local-{os.getpid()}-{result.index}-{time.monotonic_ns()}.safetensors"
+    target.write_bytes(result.data)
+    digest = hashlib.sha256(result.data).hexdigest()
+    return dataclasses.replace(result, data=b"", path=str(target), digest=digest)
+
+
 def _worker_train(path: str, config: Mapping[str, Any], indices: list[int]) -> list[AgentResult]:
     assert _worker_spec is not None, "worker started without _init_worker"
     weights = _worker_weights(path)
-    return [train_agent(_worker_spec, i, weights, config) for i in indices]
+    directory = Path(path).parent
+    results = []
+    for i in indices:
+        result = train_agent(_worker_spec, i, weights, config)
+        results.append(_to_file(result, directory))
+        del result  # the bytes are in the file now
+    return results
 
 
 def _worker_initial() -> bytes | None:
@@ -71,6 +96,12 @@ def _broken(exc: BrokenProcessPool) -> FedloopError:
         "script without `if __name__ == '__main__':` around the run (workers are spawned and "
         "import the main module); fix that, or try --pool thread"
     )
+
+
+def _scratch_root() -> str | None:
+    """Return /dev/shm when it is a writable directory (files there are memory), else None."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
 
 
 def chunk_size(agents: int, slots: int, model_bytes: int) -> int:
@@ -103,7 +134,7 @@ class LocalBackend:
         if self.pool == "thread":
             self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="fedloop-sim")
         else:
-            self._tmp = Path(tempfile.mkdtemp(prefix="fedloop-sim-"))
+            self._tmp = Path(tempfile.mkdtemp(prefix="fedloop-sim-", dir=_scratch_root()))
             self._executor = ProcessPoolExecutor(
                 self.workers,
                 mp_context=multiprocessing.get_context("spawn"),

@@ -13,6 +13,23 @@ def blob_id(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+class HashedBody(bytearray):
+    """A bytearray whose sha256 was computed while it was filled (``digest``, hex).
+
+    Hashing chunk by chunk as a body streams in costs no extra pass over a large model;
+    `BlobStore.put` then uses the digest instead of hashing the bytes again. Whoever sets
+    ``digest`` promises not to change the bytes afterwards.
+    """
+
+    digest: str | None = None
+
+
+def known_digest(data: object) -> str | None:
+    """Return the sha256 that came with `data` (a `HashedBody`), or None if it has none."""
+    digest = getattr(data, "digest", None)
+    return digest if isinstance(digest, str) else None
+
+
 class BlobStore:
     """A directory of immutable blobs, `ab/cd/<sha256>.safetensors`."""
 
@@ -26,8 +43,11 @@ class BlobStore:
         return self.root / key[:2] / key[2:4] / f"{key}.safetensors"
 
     def put(self, data: bytes | bytearray | memoryview, key: str | None = None) -> str:
-        """Store `data` durably and return its id; storing the same bytes twice is a no-op."""
-        key = key or blob_id(data)
+        """Store `data` durably and return its id; storing the same bytes twice is a no-op.
+
+        `key` must be the sha256 of `data` when given (e.g. computed while it streamed in).
+        """
+        key = key or known_digest(data) or blob_id(data)
         target = self.path(key)
         if target.exists():
             return key

@@ -26,6 +26,7 @@ from sqlalchemy import (
     event,
     func,
     inspect,
+    or_,
     select,
     update,
 )
@@ -113,8 +114,29 @@ class MetaRow(Base):
     value: Mapped[Any] = mapped_column(JSON)
 
 
+class TokenRow(Base):
+    """A secret, stored only as its SHA-256: an enrollment token, an agent's credential, or an
+    admin token (`kind`). `name` is the agent name an enrollment token or credential is bound
+    to (a label for admin tokens); `agent_id` is set on credentials."""
+
+    __tablename__ = "tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(128), index=True)
+    agent_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
 class DuplicateUpload(Exception):
     """This agent already has a local model for this round."""
+
+
+class TokenSpent(Exception):
+    """The enrollment token was used or revoked meanwhile."""
 
 
 def database_url(data_dir: str | Path, url: str | None) -> str:
@@ -355,6 +377,18 @@ class Store:
             return list(session.scalars(query))
 
     # --- global models ------------------------------------------------------------------
+    def bootstrap(
+        self, meta: dict[str, Any], agent: AgentRow, initial: GlobalModelRow, now: float
+    ) -> None:
+        """Fix the model, add the first agent, store global model 0 and open round 1: one
+        transaction, so a crash leaves either a fresh store or a bootstrapped one."""
+        with self._tx() as session:
+            for key, value in meta.items():
+                session.merge(MetaRow(key=key, value=value))
+            session.add(agent)
+            session.add(initial)
+            session.add(RoundRow(number=1, started_at=now))
+
     def commit_global(self, row: GlobalModelRow, next_round: int | None, now: float) -> None:
         """Store a global model, close its round and open the next, in one transaction."""
         with self._tx() as session:
@@ -411,6 +445,103 @@ class Store:
             ids |= set(session.scalars(select(GlobalModelRow.model_id)))
             ids |= {s for s in session.scalars(select(GlobalModelRow.state_id)) if s}
             return ids
+
+    # --- tokens and credentials -----------------------------------------------------------
+    def add_token(
+        self,
+        kind: str,
+        name: str,
+        secret_hash: str,
+        expires_at: float | None = None,
+        agent_id: str | None = None,
+        now: float | None = None,
+    ) -> TokenRow:
+        row = TokenRow(
+            kind=kind,
+            name=name,
+            agent_id=agent_id,
+            secret_hash=secret_hash,
+            created_at=time.time() if now is None else now,
+            expires_at=expires_at,
+        )
+        with self._tx() as session:
+            session.add(row)
+        return row
+
+    def token_by_hash(self, secret_hash: str) -> TokenRow | None:
+        with self._sessions() as session:
+            return session.scalars(
+                select(TokenRow).where(TokenRow.secret_hash == secret_hash)
+            ).first()
+
+    def tokens(self) -> list[TokenRow]:
+        with self._sessions() as session:
+            return list(session.scalars(select(TokenRow).order_by(TokenRow.id)))
+
+    def revoke_tokens(self, name: str, now: float | None = None) -> int:
+        """Revoke every live token and credential bound to `name`; return how many."""
+        with self._tx() as session:
+            result = session.execute(
+                update(TokenRow)
+                .where(
+                    TokenRow.name == name,
+                    TokenRow.revoked_at.is_(None),
+                    # A spent enrollment token is dead already; it keeps its "used" record.
+                    or_(TokenRow.kind != "enrollment", TokenRow.used_at.is_(None)),
+                )
+                .values(revoked_at=time.time() if now is None else now)
+                .execution_options(synchronize_session=False)
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    def enroll(
+        self,
+        token_id: int,
+        agent_id: str,
+        name: str,
+        credential_hash: str,
+        now: float,
+        new_agent: bool,
+    ) -> None:
+        """Spend enrollment token `token_id` and give `agent_id` a new credential (its old ones
+        revoked), adding the agent itself when `new_agent`: one transaction.
+
+        Raises TokenSpent, changing nothing, when the token was used or revoked meanwhile.
+        """
+        with self._tx() as session:
+            spent = session.execute(
+                update(TokenRow)
+                .where(
+                    TokenRow.id == token_id,
+                    TokenRow.used_at.is_(None),
+                    TokenRow.revoked_at.is_(None),
+                )
+                .values(used_at=now, agent_id=agent_id)
+                .execution_options(synchronize_session=False)
+            )
+            if int(getattr(spent, "rowcount", 0) or 0) != 1:
+                raise TokenSpent(f"enrollment token {token_id} was used or revoked")
+            if new_agent:
+                session.add(AgentRow(id=agent_id, name=name, registered_at=now, last_seen=now))
+            session.execute(
+                update(TokenRow)
+                .where(
+                    TokenRow.kind == "credential",
+                    TokenRow.agent_id == agent_id,
+                    TokenRow.revoked_at.is_(None),
+                )
+                .values(revoked_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            session.add(
+                TokenRow(
+                    kind="credential",
+                    name=name,
+                    agent_id=agent_id,
+                    secret_hash=credential_hash,
+                    created_at=now,
+                )
+            )
 
     def count_local_models(self) -> int:
         with self._sessions() as session:

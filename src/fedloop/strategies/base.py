@@ -260,6 +260,10 @@ class RunningMean:
 
     def __init__(self) -> None:
         self._sums: dict[str, Array] = {}
+        self._scratch: Array | None = None  # reused for n_i * y_i: no temporaries per upload
+        # The first upload is kept as it came (views into its body) and only turned into
+        # float64 sums when a second one arrives: one upload needs no float64 copy at all.
+        self._first: Update | None = None
         self._samples = 0
         self._count = 0
 
@@ -273,27 +277,98 @@ class RunningMean:
         """Total num_samples of the uploads folded in."""
         return self._samples
 
+    def _term(self, tensor: np.ndarray, weight: float) -> np.ndarray:
+        """Return weight * tensor in float64, in the reused scratch buffer (or tensor itself)."""
+        if weight == 1.0:
+            # The ufunc casts to float64 chunk by chunk: no full-size temporary, same bits.
+            return tensor
+        size = int(tensor.size)
+        if self._scratch is None or self._scratch.size < size:
+            self._scratch = np.empty(size, dtype=np.float64)
+        out = self._scratch[:size].reshape(tensor.shape)
+        np.multiply(tensor, weight, out=out, dtype=np.float64)  # float64, not float32 math
+        return out
+
+    def _materialize(self) -> None:
+        """Turn the kept first upload into float64 sums n_1 * y_1."""
+        first, self._first = self._first, None
+        if first is None:
+            return
+        weight = float(first.num_samples)
+        for key, tensor in first.weights.items():
+            array = np.asarray(tensor)
+            total = np.empty(array.shape, dtype=np.float64)
+            np.multiply(array, weight, out=total, dtype=np.float64)
+            self._sums[key] = total
+
     def add(self, update: Update) -> None:
-        """Fold one upload in."""
-        if self._count and set(update.weights) != set(self._sums):
+        """Fold one upload in, in place: one pass over each tensor, no per-upload allocation."""
+        if self._count == 0:
+            self._first = update
+            self._samples, self._count = update.num_samples, 1
+            return
+        names = set(self._first.weights if self._first is not None else self._sums)
+        if set(update.weights) != names:
             raise ValueError(f"update from agent {update.agent_id!r} has other tensor names")
+        self._materialize()
+        weight = float(update.num_samples)
         for key, tensor in update.weights.items():
-            term = as_f64(tensor) * float(update.num_samples)
-            if self._count:
-                self._sums[key] += term
-            else:
-                self._sums[key] = term.copy()
+            np.add(self._sums[key], self._term(np.asarray(tensor), weight), out=self._sums[key])
         self._samples += update.num_samples
         self._count += 1
 
-    def as_update(self, base_round: int = 0, agent_id: str = "running-mean") -> Update:
-        """Return the weighted mean so far as one update carrying the total num_samples."""
+    def _exact_single(self, like: Weights | None) -> Weights | None:
+        """Return the one upload's tensors as its mean, if (n*y)/n == y exactly for them all.
+
+        n*y is exact in float64 for float32 (or narrower) y when n < 2**29, and for any y when
+        n == 1, so the division gives y back: the same bits as the float64 route, no copy.
+        """
+        first = self._first
+        if first is None or like is None:
+            return None
+        n = first.num_samples
+        out: Weights = {}
+        for key, tensor in first.weights.items():
+            array, target = np.asarray(tensor), like.get(key)
+            exact = n == 1 or (array.dtype.kind == "f" and array.dtype.itemsize <= 4 and n < 2**29)
+            if target is None or target.dtype.kind != "f" or target.shape != array.shape:
+                return None
+            if not (exact and array.dtype.kind == "f"):
+                return None
+            out[key] = np.asarray(array, dtype=target.dtype)
+        return out
+
+    def as_update(
+        self,
+        base_round: int = 0,
+        agent_id: str = "running-mean",
+        like: Weights | None = None,
+    ) -> Update:
+        """Return the weighted mean so far as one update carrying the total num_samples.
+
+        With ``like`` (the global model), floating-point tensors come out in like's dtype,
+        divided and cast in one pass: exactly ``cast_like(sum / n, like)``, which is what FedAvg
+        returns for a single update, without a float64 copy of the model. Leave it out for
+        strategies that compute on the mean (FedAdam, …): they get it in float64.
+        """
         if self._count == 0:
             raise ValueError("no update was folded in")
         if self._samples <= 0:
             raise ValueError("every folded update has num_samples=0")
+        weights = self._exact_single(like)
+        if weights is None:
+            self._materialize()
+            weights = {}
+            for key, total in self._sums.items():
+                target = like.get(key) if like is not None else None
+                if target is not None and target.dtype.kind == "f" and target.shape == total.shape:
+                    mean = np.empty(total.shape, dtype=target.dtype)
+                    np.divide(total, self._samples, out=mean, casting="same_kind")
+                    weights[key] = mean
+                else:
+                    weights[key] = total / self._samples
         return Update(
-            weights={key: s / self._samples for key, s in self._sums.items()},
+            weights=weights,
             num_samples=self._samples,
             agent_id=agent_id,
             base_round=base_round,

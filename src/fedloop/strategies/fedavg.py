@@ -24,14 +24,26 @@ from fedloop.types import Weights
 def weighted_mean(updates: Sequence[Update], keys: Sequence[str]) -> dict[str, Array]:
     """Return sum_i (n_i / sum n) * y_i for each named tensor, in float64.
 
-    Folded one update at a time: memory is one float64 copy of the model, not n of them.
+    Folded one update at a time into one float64 total per tensor through one reused scratch
+    buffer: memory is one float64 copy of the model, not n of them, and no temporaries. For a
+    single update the mean is that update exactly (n_1 / n_1 = 1), so its own tensors are
+    returned as they are, in their dtype, without a copy (callers only read them).
     """
     fractions = sample_fractions(updates)
+    if len(updates) == 1:
+        return {key: np.asarray(updates[0].weights[key]) for key in keys}
     out: dict[str, Array] = {}
+    scratch: Array | None = None
     for key in keys:
-        total = np.zeros(np.shape(updates[0].weights[key]), dtype=np.float64)
-        for fraction, update in zip(fractions, updates, strict=True):
-            total += np.float64(fraction) * np.asarray(update.weights[key])
+        first = np.asarray(updates[0].weights[key])
+        total = np.empty(first.shape, dtype=np.float64)
+        np.multiply(first, fractions[0], out=total, dtype=np.float64)
+        if scratch is None or scratch.size < total.size:
+            scratch = np.empty(total.size, dtype=np.float64)
+        term = scratch[: total.size].reshape(total.shape)
+        for fraction, update in zip(fractions[1:], updates[1:], strict=True):
+            np.multiply(update.weights[key], fraction, out=term, dtype=np.float64)
+            np.add(total, term, out=total)
         out[key] = total
     return out
 
@@ -60,6 +72,15 @@ class FedAvg(Strategy):
         ordered = check_updates(global_weights, updates)
         mean = weighted_mean(ordered, float_keys(global_weights))
         return assemble(global_weights, mean, ordered, "mean")
+
+
+def returns_mean(strategy: Strategy) -> bool:
+    """Return True if the strategy's aggregate is FedAvg's own: the weighted mean, nothing else.
+
+    Then a `RunningMean` may hand it the mean already in the model's dtypes
+    (``as_update(like=...)``) with a bit-identical result.
+    """
+    return isinstance(strategy, FedAvg) and type(strategy).aggregate is FedAvg.aggregate
 
 
 class FedProx(FedAvg):

@@ -18,6 +18,22 @@ const state = {
 
 const $ = (id) => document.getElementById(id);
 
+// With auth on, the data needs an admin token: open the page as /#token=fla_… once; the token
+// is kept for this tab only (sessionStorage) and taken out of the address bar.
+const TOKEN_KEY = "fedloop-admin-token";
+(() => {
+  const match = /(?:^#|&)token=([^&]+)/.exec(location.hash);
+  if (match) {
+    sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(match[1]));
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+})();
+
+function authHeaders() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
 function setText(id, value) {
   const node = $(id);
   const text = String(value);
@@ -175,7 +191,13 @@ async function poll() {
   state.busy = true;
   let next = POLL_MS;
   try {
-    const response = await fetch(`v1/dashboard?since=${state.since}`, { cache: "no-store" });
+    const response = await fetch(`v1/dashboard?since=${state.since}`, {
+      cache: "no-store",
+      headers: authHeaders(),
+    });
+    if (response.status === 401 || response.status === 403) {
+      throw new Error("an admin token is needed: open this page as /#token=<fedloop token admin>");
+    }
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const data = await response.json();
     // A smaller global round than we hold: the aggregator was started on other data.
