@@ -9,6 +9,7 @@ into one float64 vector.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Sequence
 
 import numpy as np
@@ -215,8 +216,9 @@ class TrimmedMean(Strategy):
 class _Flattened(Strategy):
     """A method that works on the whole floating-point model as one vector per update."""
 
+    @abstractmethod
     def _combine(self, points: Array, updates: Sequence[Update]) -> Array:
-        raise NotImplementedError
+        """Return the aggregate of the (n, d) matrix of flattened updates."""
 
     def aggregate(
         self,
