@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 from typing import Any
 
 from fedloop.errors import ConfigError
@@ -41,3 +42,17 @@ def load_engine(spec: str, **kwargs: Any) -> Any:
     if not hasattr(target, "train") and not hasattr(target, "evaluate"):
         raise ConfigError(f"{spec!r} is not an ML engine: it has neither train() nor evaluate()")
     return target
+
+
+def parse_sets(values: list[str], flag: str = "--set") -> dict[str, Any]:
+    """Return ``key=value`` items as a dict; values are JSON where they parse, else strings."""
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {item!r} is not key=value; write e.g. {flag} lr=0.1")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out

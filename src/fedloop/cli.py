@@ -23,19 +23,6 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _parse_sets(values: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in values:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise FedloopError(f"--set {item!r} is not key=value; write e.g. --set epochs=2")
-        try:
-            out[key] = json.loads(raw)
-        except ValueError:
-            out[key] = raw
-    return out
-
-
 @app.command()
 def aggregator(
     config: Annotated[Path | None, typer.Option(help="TOML config file.")] = None,
@@ -98,7 +85,7 @@ def agent(
     """Run an agent (FL client) that drives an ML engine."""
     import socket
 
-    from fedloop._loading import load_engine
+    from fedloop._loading import load_engine, parse_sets
     from fedloop.agent import Agent
     from fedloop.agent.client import tls_context
     from fedloop.logs import setup_logging
@@ -108,7 +95,7 @@ def agent(
     if mode not in ("push", "poll"):
         _fail(FedloopError(f"--mode must be push or poll, not {mode!r}"))
     try:
-        ml_engine = load_engine(engine, **_parse_sets(set_))
+        ml_engine = load_engine(engine, **parse_sets(set_))
         runner = Agent(
             ml_engine,
             url,

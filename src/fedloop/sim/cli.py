@@ -26,6 +26,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from fedloop._loading import parse_sets
 from fedloop.errors import FedloopError
 from fedloop.sim.core import (
     AgentFailed,
@@ -39,20 +40,6 @@ from fedloop.sim.core import (
 )
 
 __all__ = ["RichObserver", "history_table", "parse_sets", "simulate", "write_report"]
-
-
-def parse_sets(values: list[str], flag: str = "--set") -> dict[str, Any]:
-    """Return ``key=value`` items as a dict; values are JSON where they parse, else strings."""
-    out: dict[str, Any] = {}
-    for item in values:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise FedloopError(f"{flag} {item!r} is not key=value; write e.g. {flag} lr=0.1")
-        try:
-            out[key] = json.loads(raw)
-        except ValueError:
-            out[key] = raw
-    return out
 
 
 def _short(metrics: dict[str, float], limit: int = 3) -> str:
