@@ -15,24 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from fedloop.demo import free_port, wait_until_up, write_config
+from fedloop.demo import LocalFederation, free_port, write_config
 from fedloop.errors import FedloopError
 from fedloop.history import history_rows
 from fedloop.report import open_records, write_report
 from fedloop.store.db import Store, database_url
-
-
-def _env() -> dict[str, str]:
-    # Agents share the machine's cores: one thread each keeps them from fighting.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def engine_and_params(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
@@ -53,8 +46,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the federation, write the report, and return a summary."""
     root = Path(args.out or tempfile.mkdtemp(prefix="fedloop-image-"))
     root.mkdir(parents=True, exist_ok=True)
-    logs = root / "logs"
-    logs.mkdir(exist_ok=True)
     engine, params = engine_and_params(args)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -76,50 +67,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
     )
     print(f"{args.agents} agents, {args.rounds} rounds, {engine} ({args.split}); files in {root}")
-    fedloop = [sys.executable, "-m", "fedloop"]
-    processes: list[subprocess.Popen[bytes]] = []
     started = time.monotonic()
-    try:
-        with open(logs / "aggregator.log", "wb") as log:
-            server = subprocess.Popen(
-                [*fedloop, "aggregator", "--config", str(config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=_env(),
-            )
-        processes.append(server)
-        wait_until_up(url, server)
+    with LocalFederation(config, url, root / "logs") as federation:
+        federation.start_aggregator()
         for index in range(args.agents):
             sets = {**params, "agent_index": index, "num_agents": args.agents}
-            command = [*fedloop, "agent", engine, "--url", url, "--name", f"agent-{index}"]
-            command += ["--workdir", str(root / f"agent-{index}"), "--give-up-after", "60"]
-            for key, value in sets.items():
-                command += ["--set", f"{key}={json.dumps(value)}"]
-            with open(logs / f"agent-{index}.log", "wb") as log:
-                processes.append(
-                    subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_env())
-                )
-        deadline = time.monotonic() + args.timeout
-        for agent in processes[1:]:
-            while agent.poll() is None:
-                if time.monotonic() > deadline:
-                    raise FedloopError(
-                        f"the run did not finish in {args.timeout:.0f} s; see {logs}"
-                    )
-                if server.poll() is not None:
-                    raise FedloopError(f"the aggregator stopped early; see {logs}")
-                time.sleep(0.2)
-            if agent.returncode != 0:
-                raise FedloopError(f"an agent failed (code {agent.returncode}); see {logs}")
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            federation.start_agent(
+                f"agent-{index}", engine, root / f"agent-{index}", sets, give_up_after=60
+            )
+        federation.wait_agents(time.monotonic() + args.timeout)
     seconds = time.monotonic() - started
     store = Store(database_url(data_dir, None))
     try:

@@ -48,8 +48,8 @@ def wait_until_up(
 
 
 def write_config(path: Path, port: int, data_dir: Path, **settings: Any) -> Path:
-    """Write an aggregator TOML config (flat keys plus optional [strategy]/[evaluate] tables)."""
-    tables = {k: settings.pop(k) for k in ("strategy", "evaluate") if k in settings}
+    """Write an aggregator TOML config: flat keys, and a [table] for every dict value."""
+    tables = {k: settings.pop(k) for k in list(settings) if isinstance(settings[k], dict)}
     lines = [f"port = {port}", f"data_dir = {json.dumps(str(data_dir))}"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
     for table, values in tables.items():
@@ -67,6 +67,80 @@ def write_config(path: Path, port: int, data_dir: Path, **settings: Any) -> Path
 def _env() -> dict[str, str]:
     # Agents share the machine's cores: one thread each keeps them from fighting.
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+class LocalFederation:
+    """An aggregator and agent processes on loopback, each logging to ``logs/NAME.log``.
+
+    Use as a context manager: leaving it terminates (then kills) whatever still runs.
+    """
+
+    def __init__(self, config: Path, url: str, logs: Path) -> None:
+        self.config = config
+        self.url = url
+        self.logs = logs
+        self.server: subprocess.Popen[bytes] | None = None
+        self.agents: list[subprocess.Popen[bytes]] = []
+        logs.mkdir(parents=True, exist_ok=True)
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        with open(self.logs / f"{name}.log", "wb") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "fedloop", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=_env(),
+            )
+
+    def start_aggregator(self) -> subprocess.Popen[bytes]:
+        """Start ``fedloop aggregator --config CONFIG`` and wait until it answers."""
+        self.server = self._spawn("aggregator", ["aggregator", "--config", str(self.config)])
+        wait_until_up(self.url, self.server)
+        return self.server
+
+    def start_agent(
+        self, name: str, engine: str, workdir: Path, sets: dict[str, Any], give_up_after: float
+    ) -> subprocess.Popen[bytes]:
+        """Start ``fedloop agent ENGINE`` named `name`, with ``--set key=<json value>`` each."""
+        args = ["agent", engine, "--url", self.url, "--name", name, "--workdir", str(workdir)]
+        args += ["--give-up-after", f"{give_up_after:g}"]
+        for key, value in sets.items():
+            args += ["--set", f"{key}={json.dumps(value)}"]
+        agent = self._spawn(name, args)
+        self.agents.append(agent)
+        return agent
+
+    def check_server(self) -> None:
+        """Raise if the aggregator has stopped."""
+        if self.server is not None and self.server.poll() is not None:
+            raise FedloopError(
+                f"the aggregator stopped (code {self.server.returncode}); see {self.logs}"
+            )
+
+    def wait_agents(self, deadline: float) -> None:
+        """Wait (until the monotonic `deadline`) for every agent to exit, and check it succeeded."""
+        for agent in self.agents:
+            while agent.poll() is None:
+                if time.monotonic() > deadline:
+                    raise FedloopError(f"the run did not finish in time; see {self.logs}")
+                self.check_server()
+                time.sleep(0.2)
+            if agent.returncode != 0:
+                raise FedloopError(f"an agent failed (code {agent.returncode}); see {self.logs}")
+
+    def __enter__(self) -> LocalFederation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        processes = [p for p in (self.server, *self.agents) if p is not None]
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 def run_demo(
@@ -104,54 +178,24 @@ def run_demo(
     )
     echo(f"fedloop demo: {agents} agents, {rounds} rounds, files in {root}")
     logs = root / "logs"
-    logs.mkdir(exist_ok=True)
-    fedloop = [sys.executable, "-m", "fedloop"]
-    processes: list[subprocess.Popen[bytes]] = []
     rows: list[dict[str, Any]] = []
-    try:
-        with open(logs / "aggregator.log", "wb") as log:
-            server = subprocess.Popen(
-                [*fedloop, "aggregator", "--config", str(config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=_env(),
-            )
-        processes.append(server)
-        wait_until_up(url, server)
+    with LocalFederation(config, url, logs) as federation:
+        federation.start_aggregator()
         for index in range(agents):
-            with open(logs / f"agent-{index}.log", "wb") as log:
-                processes.append(
-                    subprocess.Popen(
-                        [
-                            *fedloop,
-                            "agent",
-                            "fedloop.ml.engines:digits_engine",
-                            "--url",
-                            url,
-                            "--name",
-                            f"agent-{index}",
-                            "--workdir",
-                            str(root / f"agent-{index}"),
-                            "--set",
-                            f"agent_index={index}",
-                            "--set",
-                            f"num_agents={agents}",
-                            "--give-up-after",
-                            "30",
-                        ],
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env=_env(),
-                    )
-                )
+            federation.start_agent(
+                f"agent-{index}",
+                "fedloop.ml.engines:digits_engine",
+                root / f"agent-{index}",
+                {"agent_index": index, "num_agents": agents},
+                give_up_after=30,
+            )
         echo(f"{'round':>5}  {'global acc':>10}  {'mean local acc':>14}  {'seconds':>7}")
         shown = 0
         deadline = time.monotonic() + timeout
         while shown < rounds:
             if time.monotonic() > deadline:
                 raise FedloopError(f"the demo did not finish within {timeout:.0f} s; see {logs}")
-            if server.poll() is not None:
-                raise FedloopError(f"the aggregator stopped (code {server.returncode}); see {logs}")
+            federation.check_server()
             history = httpx.get(f"{url}/v1/history", timeout=10).json()["rounds"]
             for row in history:
                 if row["round"] > shown:
@@ -164,17 +208,7 @@ def run_demo(
                         f"  {row['seconds']:>7.2f}"
                     )
             time.sleep(0.1)
-        for agent in processes[1:]:
-            agent.wait(timeout=60)
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        federation.wait_agents(time.monotonic() + 60)
     seconds = time.monotonic() - started
     final = rows[-1]["global_metrics"].get("accuracy") if rows else None
     echo(
