@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import signal
 import socket
 import sqlite3
@@ -19,14 +18,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
+from procs import AggregatorProcess, process_env
 
-from fedloop.demo import free_port, wait_until_up, write_config
 from fedloop.protocol import codec
 from fedloop.protocol.messages import UploadRequest
 from fedloop.protocol.version import MESSAGE_HEADER
@@ -38,14 +36,7 @@ HERE = Path(__file__).resolve().parent
 
 def env(**extra: str) -> dict[str, str]:
     """The environment of the processes: this directory importable (engines, strategies)."""
-    path = os.pathsep.join(p for p in [str(HERE), os.environ.get("PYTHONPATH", "")] if p)
-    return {
-        **os.environ,
-        "PYTHONPATH": path,
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1",
-        **extra,
-    }
+    return process_env(HERE, **extra)
 
 
 def wait_until(
@@ -63,90 +54,10 @@ def wait_until(
 
 
 @dataclass
-class Server:
+class Server(AggregatorProcess):
     """An aggregator process that can be killed and started again on the same files."""
 
-    root: Path
-    settings: dict[str, Any]
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-    kills: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "aggregator"
-
-    @property
-    def db_file(self) -> Path:
-        return self.data_dir / "fedloop.db"
-
-    def start(self) -> Server:
-        self.root.mkdir(parents=True, exist_ok=True)
-        config = write_config(
-            self.root / "aggregator.toml", self.port, self.data_dir, **dict(self.settings)
-        )
-        log = open(self.root / "aggregator.log", "ab")  # noqa: SIM115 - the process owns it
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "fedloop", "aggregator", "--config", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env(),
-        )
-        log.close()
-        wait_until_up(self.url, self.process)
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL: no handler runs, nothing is flushed, sockets die with the process."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-        self.kills += 1
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-
-    def restart(self) -> None:
-        """Stop cleanly and start again: start-up is when orphaned blobs are collected."""
-        self.stop()
-        self.start()
-
-    def get(self, path: str, **kwargs: Any) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=30, **kwargs)
-
-    def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.get("/v1/status").json()
-        return result
-
-    def history(self) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = self.get("/v1/history").json()["rounds"]
-        return rows
-
-    def wait_for(
-        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 60.0
-    ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        status: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            status = self.status()
-            if predicate(status):
-                return status
-            time.sleep(0.05)
-        raise AssertionError(f"timed out; last status {status}; log:\n{self.log()[-3000:]}")
-
-    def log(self) -> str:
-        path = self.root / "aggregator.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+    pythonpath: Path | None = HERE
 
     @contextlib.contextmanager
     def write_locked(self) -> Iterator[None]:
