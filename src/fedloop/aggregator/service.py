@@ -53,6 +53,7 @@ from fedloop.store.db import (
 from fedloop.strategies import RunningMean, Strategy, Update
 from fedloop.strategies import load as load_strategy
 from fedloop.types import Weights
+from fedloop.strategies.dp import privacy_metrics
 
 log = logging.getLogger("fedloop.aggregator")
 
@@ -793,6 +794,9 @@ class Aggregator:
                     log.debug("could not persist last contact times", exc_info=True)
 
     def subscribe(self, agent_id: str) -> asyncio.Queue[PushMessage]:
+        # The (ε, δ) spent up to and including this round, kept with its global model for
+        # `fedloop history` and the report; a restart reloads the state that produced it.
+        metrics.update(privacy_metrics(self.strategy))
         queue: asyncio.Queue[PushMessage] = asyncio.Queue()
         self.subscribers.add(queue)
         self.connected.add(agent_id)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedloop.errors import FedloopError
+from fedloop.history import PRIVACY_METRICS
 from fedloop.report.tables import (
     RunRecords,
     load_records,
@@ -95,7 +96,13 @@ def write_report(
     )
     images: dict[str, bytes] = {}
     if plots:
-        from fedloop.report.plots import metric_series, plot_metric, plot_rounds, png_bytes
+        from fedloop.report.plots import (
+            metric_series,
+            plot_metric,
+            plot_privacy,
+            plot_rounds,
+            png_bytes,
+        )
 
         keys = metric_keys(
             [
@@ -106,13 +113,16 @@ def write_report(
         )
         # Accuracy first: it is the figure people look for.
         keys = sorted(
-            (k for k in keys if k not in _NOT_PLOTTED), key=lambda k: (k != "accuracy", k)
+            (k for k in keys if k not in _NOT_PLOTTED | PRIVACY_METRICS),
+            key=lambda k: (k != "accuracy", k),
         )
         for key in keys[:_MAX_METRIC_PLOTS]:
             series = metric_series(records, key)
             if not series.empty():
                 images[f"metric_{key}.png"] = png_bytes(plot_metric(series))
         images["rounds.png"] = png_bytes(plot_rounds(rounds))
+        if any(isinstance(r.get("dp_epsilon"), float) for r in rounds):
+            images["privacy.png"] = png_bytes(plot_privacy(rounds))
         for name, png in images.items():
             path = directory / name
             path.write_bytes(png)
@@ -126,8 +136,13 @@ def write_report(
         "downloaded MB (estimate)": round(sum(r["bytes_down_est"] or 0 for r in rounds) / 1e6, 3),
         "seconds (sum of rounds)": round(sum(r["seconds"] for r in rounds), 2),
     }
+    spent = [r for r in rounds if r.get("dp_delta") is not None]
+    if spent:
+        eps, delta = spent[-1]["dp_epsilon"], spent[-1]["dp_delta"]
+        summary["privacy spent (ε, δ)"] = f"ε = {eps:.4g}, δ = {delta:.3g}"
     for key in metric_keys(g.metrics for g in records.global_models):
-        summary[f"final global {key}"] = last.get(f"global_{key}")
+        if key not in PRIVACY_METRICS:
+            summary[f"final global {key}"] = last.get(f"global_{key}")
     page = render_html("fedloop report", source, summary, rounds, local, images)
     files.html.write_text(page, encoding="utf-8")
     return files

@@ -17,7 +17,14 @@ from fedloop.report.tables import RunRecords, _finite, agent_names
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["MetricSeries", "metric_series", "plot_metric", "plot_rounds", "png_bytes"]
+__all__ = [
+    "MetricSeries",
+    "metric_series",
+    "plot_metric",
+    "plot_privacy",
+    "plot_rounds",
+    "png_bytes",
+]
 
 # Above this many agents one line each is unreadable: draw their mean and min-max band instead.
 MAX_AGENT_LINES = 10
@@ -171,5 +178,31 @@ def plot_rounds(rows: Sequence[dict[str, Any]]) -> Figure:
     bottom.set_title("seconds per round (round opened to global model stored)")
     for ax in (top, middle, bottom):
         ax.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def plot_privacy(rows: Sequence[dict[str, Any]]) -> Figure:
+    """Return ε spent up to and including each round (the ``dp_epsilon`` of ``round_rows``).
+
+    Rounds without a guarantee (ε infinite) or without accounting are left out.
+    """
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    points = [(r["round"], v) for r in rows if (v := _finite(r.get("dp_epsilon"))) is not None]
+    deltas = sorted({r["dp_delta"] for r in rows if r.get("dp_delta") is not None})
+    figure: Figure
+    figure, ax = plt.subplots(figsize=(8, 3.5))
+    if points:
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, "-o", color="tab:purple", markersize=3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel("ε")
+    delta = f" at δ = {deltas[0]:.3g}" if len(deltas) == 1 else ""
+    ax.set_title(f"privacy spent: ε{delta} up to and including each round")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
     figure.tight_layout()
     return figure

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedloop.history import PRIVACY_METRICS, privacy_spent
 from fedloop.store.db import AgentRow, EvaluationRow, GlobalModelRow, LocalModelRow, Store
 
 __all__ = [
@@ -94,7 +95,9 @@ def round_rows(records: RunRecords) -> list[Row]:
     global blob),
     ``downloads_est`` and ``bytes_down_est`` — an **estimate**: the store does not log
     downloads, so every agent known to have used this global model (it trained from it or
-    reported an evaluation of it) is counted as one download of the whole blob —, then
+    reported an evaluation of it) is counted as one download of the whole blob —, in a run
+    with differential privacy ``dp_epsilon`` and ``dp_delta`` (the (ε, δ) spent up to and
+    including the round; ε is inf without a guarantee, both None for round 0), then
     ``global_<metric>`` (the aggregator's own evaluation on its held-out set),
     ``local_mean_<metric>`` (mean over the round's local models) and
     ``agents_global_mean_<metric>`` (mean of the agents' evaluations of this global model on
@@ -109,9 +112,12 @@ def round_rows(records: RunRecords) -> list[Row]:
     for ev in records.evaluations:
         evals_by_round[ev.round].append(ev)
         users[ev.round].add(ev.agent_id)
-    global_keys = metric_keys(g.metrics for g in records.global_models)
+    global_keys = [
+        k for k in metric_keys(g.metrics for g in records.global_models) if k not in PRIVACY_METRICS
+    ]
     local_keys = metric_keys(m.metrics for m in records.local_models)
     eval_keys = metric_keys(e.metrics for e in records.evaluations)
+    private = any(privacy_spent(g.metrics) is not None for g in records.global_models)
     rows: list[Row] = []
     for model in sorted(records.global_models, key=lambda g: g.round):
         locals_ = local_by_round.get(model.round, [])
@@ -129,6 +135,10 @@ def round_rows(records: RunRecords) -> list[Row]:
             "downloads_est": downloads,
             "bytes_down_est": None if size is None else size * downloads,
         }
+        if private:
+            spent = privacy_spent(model.metrics)
+            row["dp_epsilon"] = None if spent is None else spent[0]
+            row["dp_delta"] = None if spent is None else spent[1]
         for key in global_keys:
             row[f"global_{key}"] = _finite(model.metrics.get(key))
         for key in local_keys:

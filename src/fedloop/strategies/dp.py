@@ -78,6 +78,28 @@ def default_delta(num_agents: int) -> float:
     return float(min(1e-5, num_agents**-1.1))
 
 
+EPSILON_METRIC = "dp_epsilon"
+DELTA_METRIC = "dp_delta"
+
+
+def privacy_metrics(strategy: object) -> dict[str, float]:
+    """Return {"dp_epsilon": ε, "dp_delta": δ} spent so far, or {} for a strategy without DP.
+
+    Any strategy with a ``privacy_spent() -> (ε, δ)`` method counts. The aggregator keeps these
+    with every global model's metrics, so `fedloop history` and `fedloop report` show them. An
+    infinite ε (σ = 0: no guarantee) is left out, as JSON and PostgreSQL have no infinity:
+    δ without ε means ε = ∞.
+    """
+    spent = getattr(strategy, "privacy_spent", None)
+    if not callable(spent):
+        return {}
+    eps, delta = spent()
+    out = {DELTA_METRIC: float(delta)}
+    if math.isfinite(eps):
+        out[EPSILON_METRIC] = float(eps)
+    return out
+
+
 class DPFedAvg(Strategy):
     """DP-FedAvg: x ← x + (Σ clip_C(y_i − x) + N(0, σ²C²)) / m, with an RDP accountant.
 
