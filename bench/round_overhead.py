@@ -5,7 +5,8 @@
 Starts a real aggregator and N real agent processes on loopback whose `train` returns the
 global model unchanged, so every second measured is protocol, storage and scheduling. Prints one
 JSON line: per-round seconds (median, p90, max; the first round, which includes start-up and
-registration, is left out) and the aggregator's peak RSS (VmHWM).
+registration, is left out), the aggregator's peak RSS (VmHWM) and its CPU seconds (user +
+system) per round after round 1, which a shared machine's load disturbs less than wall time.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (less sensitive to load than wall time)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -72,11 +79,19 @@ def main() -> None:
             ]  # fmt: skip
             with open(root / f"b{i}.log", "wb") as log:
                 agents.append(subprocess.Popen(command, stdout=log, stderr=log, env=env))
-        while not httpx.get(f"{url}/v1/status", timeout=30).json()["finished"]:
+        cpu_from: tuple[int, float] | None = None  # (global round, aggregator CPU s) then
+        while not (status := httpx.get(f"{url}/v1/status", timeout=30).json())["finished"]:
             if time.monotonic() - started > 600:
                 raise SystemExit(f"timed out; logs in {root}")
+            if cpu_from is None and status["global_round"] >= 1:  # start-up left out
+                cpu_from = (status["global_round"], cpu_seconds(server.pid))
             time.sleep(0.1)
         peak = peak_rss_mb(server.pid)
+        cpu_per_round = float("nan")
+        if cpu_from is not None and status["global_round"] > cpu_from[0]:
+            cpu_per_round = (cpu_seconds(server.pid) - cpu_from[1]) / (
+                status["global_round"] - cpu_from[0]
+            )
         for agent in agents:
             agent.wait(timeout=60)
     finally:
@@ -101,6 +116,7 @@ def main() -> None:
                 "seconds_per_round_p90": round(per_round[int(0.9 * (len(per_round) - 1))], 4),
                 "seconds_per_round_max": round(per_round[-1], 4),
                 "aggregator_peak_rss_mb": round(peak, 1),
+                "aggregator_cpu_s_per_round": round(cpu_per_round, 4),
                 "cpu_count": os.cpu_count(),
             }
         )

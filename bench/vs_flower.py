@@ -11,7 +11,8 @@ processes, and prints one JSON line: both systems' seconds per round (median ove
 round 1 includes start-up and registration), the server's peak RSS (VmHWM from
 /proc/PID/status), `ratio` = flower_seconds / fedloop_seconds and `memory_ratio` =
 flower_mb / fedloop_mb. A case that cannot run here is printed with `skipped` and the reason;
-a run that fails is printed with `error`; no figure is ever estimated.
+a run that fails is printed with `error` (also as soon as an agent or client process dies, rather
+than when the case times out); no figure is ever estimated.
 
 The workload: a model of MODEL_MB MB of float32 in four tensors (fedloop.ml.noop.NoopEngine),
 FedAvg over all agents every round, "training" that returns the received weights unchanged,
@@ -31,6 +32,8 @@ fedloop
 Flower (flwr, installed into its own venv on first use; helpers in bench/flower_side/)
   deploy  legacy `flwr.server.start_server` + N `flwr.client.start_client` processes
           (gRPC "grpc-bidi", max message 1 GiB), a NumPyClient whose fit returns its input.
+          The clients start once the server's port accepts connections: a grpc-bidi client
+          that finds nothing listening exits at once, whatever its max_retries.
   sim     legacy `flwr.simulation.start_simulation` (Ray, one actor per core, num_cpus=1 per
           client). Server memory = the driver process's VmHWM; Ray's own processes not counted.
   Both use FedAvg(fraction_fit=1, fraction_evaluate=0, min_fit_clients=N,
@@ -110,6 +113,40 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float) -> str | None:
+    """Block until something accepts TCP connections on 127.0.0.1:`port`; return None then, or
+    why not (`process` exited first, or `timeout` seconds passed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return f"exited {process.returncode} before listening on port {port}"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                return None
+        except OSError:
+            time.sleep(0.1)
+    return f"did not listen on port {port} within {timeout:.0f} s"
+
+
+def wait_for_server(
+    server: subprocess.Popen[bytes],
+    helpers: list[tuple[str, subprocess.Popen[bytes], Path]],
+    timeout: float,
+) -> str | None:
+    """Wait for `server` to exit; return None then, or an error as soon as a helper process
+    (agent or client) dies with a non-zero status (the server would wait for it until
+    `timeout`). Raises subprocess.TimeoutExpired after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while server.poll() is None:
+        for name, process, log in helpers:
+            if process.poll() not in (None, 0):
+                return f"{name} exited {process.returncode}: {log_tail(log)}"
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(server.args, timeout)
+        time.sleep(0.2)
+    return None
 
 
 def per_round(stamps: list[float]) -> list[float]:
@@ -200,15 +237,23 @@ def run_flower(python: str, mode: str, agents: int, model_mb: float, rounds: int
                     stdout=log, stderr=log, env=env(), cwd=root,
                 )  # fmt: skip
             processes.append(server)
+            log_path = root / "server.log"
+            # A grpc-bidi client that finds nothing listening fails at once (its retries do not
+            # cover the first connection): start the clients only once the server listens.
+            not_up = wait_for_port(port, server, timeout=min(timeout, 300.0))
+            if not_up is not None:
+                return {"error": f"Flower server {not_up}: {log_tail(log_path)}"}
+            clients: list[tuple[str, subprocess.Popen[bytes], Path]] = []
             for i in range(agents):
                 client = [python, str(FLOWER_HELPER), "client", "--model-mb", str(model_mb),
                           "--port", str(port)]  # fmt: skip
                 with open(root / f"c{i}.log", "wb") as log:
-                    processes.append(
-                        subprocess.Popen(client, stdout=log, stderr=log, env=env(), cwd=root)
-                    )
-            server.wait(timeout=timeout)
-            log_path = root / "server.log"
+                    process = subprocess.Popen(client, stdout=log, stderr=log, env=env(), cwd=root)
+                processes.append(process)
+                clients.append((f"Flower client {i}", process, root / f"c{i}.log"))
+            failed = wait_for_server(server, clients, timeout)
+            if failed is not None:
+                return {"error": f"{failed}; logs {root}"}
         if not out.exists():
             return {"error": f"Flower exited {server.returncode}: {log_tail(log_path)}"}
         result = json.loads(out.read_text())
@@ -261,10 +306,14 @@ def run_fedloop_deploy(agents: int, model_mb: float, rounds: int, timeout: float
         while True:
             if server.poll() is not None:
                 return {"error": f"aggregator exited: {log_tail(root / 'aggregator.log')}"}
+            for i, agent in enumerate(processes[1:]):
+                if agent.poll() not in (None, 0):  # the round would wait for it until timeout
+                    return {"error": f"agent b{i} exited {agent.returncode}: "
+                            f"{log_tail(root / f'b{i}.log')}; logs {root}"}  # fmt: skip
             try:
                 if httpx.get(f"{url}/v1/status", timeout=30).json()["finished"]:
                     break
-            except httpx.TransportError:
+            except (httpx.TransportError, ValueError, KeyError):  # busy, restarting, not JSON
                 pass
             if time.time() - started > timeout:
                 return {"error": f"fedloop did not finish {rounds} rounds in {timeout:.0f} s; "
@@ -276,6 +325,8 @@ def run_fedloop_deploy(agents: int, model_mb: float, rounds: int, timeout: float
     store = Store(database_url(root / "data", None))
     created = sorted(g.created_at for g in store.global_models() if g.round >= 1)
     store.close()
+    if len(created) < rounds:
+        return {"error": f"fedloop stored only {len(created)} of {rounds} rounds; logs {root}"}
     shutil.rmtree(root, ignore_errors=True)
     return {
         **summary(per_round(created)),

@@ -144,3 +144,103 @@ def test_local_backend_returns_large_local_models_as_files(tmp_path: Path) -> No
             await backend.stop()
 
     asyncio.run(go())
+
+
+def test_running_mean_reuses_its_buffers_across_rounds_with_the_same_results() -> None:
+    reused = RunningMean()
+    for counts in [(3, 1, 7), (1, 1), (2, 5)]:
+        updates = _updates(counts)
+        like = {k: np.zeros_like(v) for k, v in updates[0].weights.items()}
+        fresh = RunningMean()
+        for update in updates:
+            reused.add(update)
+            fresh.add(update)
+        buffers = {k: id(v) for k, v in reused._buffers.items()}
+        got, want = reused.as_update(like=like), fresh.as_update(like=like)
+        assert got.num_samples == want.num_samples == sum(counts)
+        for key in like:
+            np.testing.assert_array_equal(got.weights[key], want.weights[key])
+        reused.reset()
+        assert reused.count == 0 and reused.num_samples == 0
+        if counts != (3, 1, 7):  # after the first round, no new float64 buffer
+            assert {k: id(v) for k, v in reused._buffers.items()} == buffers
+
+
+def test_encode_parts_and_put_parts_equal_the_joined_encoding(tmp_path: Path) -> None:
+    weights = _updates((1,))[0].weights
+    parts = codec.encode_parts(weights)
+    assert b"".join(parts) == codec.encode(weights)
+    # Views, not copies: a tensor's piece is the tensor's memory.
+    assert next(iter(weights)) == "w"
+    assert np.shares_memory(np.frombuffer(parts[1], dtype=np.uint8), weights["w"])
+    store = BlobStore(tmp_path)
+    key = store.put_parts(parts)
+    assert key == hashlib.sha256(codec.encode(weights)).hexdigest()
+    assert store.get(key) == codec.encode(weights)
+
+
+def test_global_model_is_served_in_pieces_with_its_content_length(tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from fedloop.aggregator.app import SEND_CHUNK, create_app
+    from fedloop.config import AggregatorConfig
+    from fedloop.protocol.messages import RegisterRequest, UploadRequest
+
+    config = AggregatorConfig(data_dir=tmp_path / "data", min_agents=1, rounds=1)
+    # Large enough for several 1 MiB slices, with a tail that is not a whole slice.
+    weights = {
+        "w": np.arange(3 * SEND_CHUNK // 4 + 123, dtype=np.float32),
+        "b": np.ones(7, dtype=np.float32),
+    }
+    with TestClient(create_app(config)) as client:
+        agg = client.app.state.aggregator
+        body = HashedBody(codec.encode(weights))
+        client.portal.call(agg.register, RegisterRequest(agent_name="a"), body)
+        model = agg.global_model
+        assert model is not None and model.round == 0
+        assert len(model.parts) > 1 and b"".join(model.parts) == codec.encode(weights)
+        latest = client.get("/v1/models/global/latest")
+        assert latest.status_code == 200
+        assert int(latest.headers["content-length"]) == len(latest.content) == model.nbytes
+        assert latest.content == codec.encode(weights)
+        by_round = client.get("/v1/models/global/0")
+        assert by_round.content == latest.content
+        assert by_round.headers["etag"].strip('"') == hashlib.sha256(latest.content).hexdigest()
+        head = client.head("/v1/models/global/latest")
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["content-length"] == latest.headers["content-length"]
+        # Round 1 from one upload: the global model is that upload (views into its body).
+        agent_id = agg.agent_ids["a"]
+        twice = {k: v * 2 for k, v in weights.items()}
+        upload = UploadRequest(agent_id=agent_id, round=1, num_samples=3)
+        uploaded = HashedBody(codec.encode(twice))
+        client.portal.call(agg.upload, upload, uploaded)
+        assert client.portal.call(agg.wait_for_global, 0, 30.0) is not None
+        held = agg.global_model.weights["w"]
+        assert np.shares_memory(np.frombuffer(uploaded, dtype=np.uint8), held)
+        assert not held.flags.writeable
+        assert client.get("/v1/models/global/latest").content == codec.encode(twice)
+        assert client.get("/v1/models/global/1").content == codec.encode(twice)
+        # Round 0 is no longer in memory: streamed from its blob file.
+        old = client.get("/v1/models/global/0")
+        assert old.content == latest.content
+        assert int(old.headers["content-length"]) == len(latest.content)
+
+
+def test_server_uses_uvloop_and_httptools_when_installed_else_asyncio_and_h11(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    from fedloop.aggregator import server
+
+    real = importlib.util.find_spec
+    installed = real("uvloop") is not None, real("httptools") is not None
+    loop, http = server.event_loop_and_parser()
+    assert (loop == "uvloop", http == "httptools") == installed
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("uvloop", "httptools") else real(name, *a),
+    )
+    assert server.event_loop_and_parser() == ("asyncio", "h11")

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import httpx
 import numpy as np
 
+from fedloop.agent.client import ModelBody, body_parts, body_size
 from fedloop.errors import ConnectionFailed, FedloopError
 from fedloop.protocol import codec
 from fedloop.protocol.messages import (
@@ -57,10 +58,11 @@ class AsyncRefused(FedloopError):
         self.status, self.code = status, code
 
 
-async def _slices(data: bytes | bytearray | memoryview) -> AsyncIterator[memoryview]:
-    view = memoryview(data)
-    for start in range(0, len(view), _CHUNK):
-        yield view[start : start + _CHUNK]
+async def _slices(data: ModelBody) -> AsyncIterator[memoryview]:
+    for part in body_parts(data):
+        view = memoryview(part).cast("B")
+        for start in range(0, len(view), _CHUNK):
+            yield view[start : start + _CHUNK]
 
 
 @dataclass
@@ -123,11 +125,22 @@ class AsyncAgent:
         self._stop = asyncio.Event()
 
     # --- HTTP -----------------------------------------------------------------------------
-    async def _send(self, http: httpx.AsyncClient, method: str, path: str, **kw: Any) -> Any:
+    async def _send(
+        self,
+        http: httpx.AsyncClient,
+        method: str,
+        path: str,
+        model: ModelBody | None = None,
+        **kw: Any,
+    ) -> Any:
+        """Send a request, retrying while the aggregator is unreachable; `model` is streamed in
+        slices, from the start again on every try (a generator would be spent after one)."""
         delay = 0.1
         loop = asyncio.get_running_loop()
         started = loop.time()
         while True:
+            if model is not None:
+                kw["content"] = _slices(model)
             try:
                 response = await http.request(method, path, **kw)
             except httpx.TransportError as exc:
@@ -248,16 +261,17 @@ class AsyncAgent:
             headers=self._auth(),
         ) as http:
             initial = self._initial()
-            body = codec.encode(initial) if initial is not None else b""
+            # views of the tensors (no encoded copy), sent in slices
+            body = codec.encode_parts(initial) if initial is not None else []
             del initial
             response = await self._send(
                 http,
                 "POST",
                 "/v1/register",
-                content=_slices(body) if body else b"",
+                model=body,
                 headers={
                     MESSAGE_HEADER: RegisterRequest(agent_name=self.name).model_dump_json(),
-                    "content-length": str(len(body)),
+                    "content-length": str(body_size(body)),
                 },
             )
             del body
@@ -300,6 +314,7 @@ class AsyncAgent:
                 continue
             started = loop.time()
             info, data = fetched
+            fetched = None  # else this round's buffer lives on through the next download
             result.global_round, result.finished = info.round, info.finished
             weights = codec.decode(data)
             if self.evaluate_global:
@@ -312,7 +327,7 @@ class AsyncAgent:
             else:
                 trained = self.engine.train(weights, config)
             new, num_samples, metrics = trained
-            local = codec.encode(new)
+            local = codec.encode_parts(new)  # views of `new`: uploaded without a copy
             del new, weights, data, trained
             if (
                 not self.asynchronous
@@ -331,10 +346,10 @@ class AsyncAgent:
                     http,
                     "POST",
                     "/v1/updates",
-                    content=_slices(local),
+                    model=local,
                     headers={
                         MESSAGE_HEADER: message.model_dump_json(),
-                        "content-length": str(len(local)),
+                        "content-length": str(body_size(local)),
                     },
                 )
             except AsyncRefused as exc:

@@ -6,6 +6,7 @@ waiting_gm → gm_ready → training → sending → waiting_gm
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -13,8 +14,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from fedloop.agent.client import ModelBody, body_parts
 from fedloop.protocol import codec
 from fedloop.types import Weights
+
+log = logging.getLogger("fedloop.agent")
 
 
 class Phase(StrEnum):
@@ -37,12 +41,14 @@ class AgentState:
     finished: bool = False
 
 
-def _atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
-    """Replace `path` with `data` in one step; a crash leaves the old or the new file."""
+def _atomic_write(path: Path, data: ModelBody, durable: bool = True) -> None:
+    """Replace `path` with `data` (bytes, or a sequence of buffers written one after the other)
+    in one step; a crash leaves the old or the new file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            for part in body_parts(data):
+                handle.write(part)
             if durable:
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -67,15 +73,26 @@ class StateDir:
     def load(self, name: str) -> AgentState:
         if not self.state_file.exists():
             return AgentState(name=name)
-        data = json.loads(self.state_file.read_text())
-        state = AgentState(**{**data, "phase": Phase(data["phase"])})
+        try:
+            data = json.loads(self.state_file.read_text())
+            state = AgentState(**{**data, "phase": Phase(data["phase"])})
+        except (ValueError, TypeError, KeyError) as exc:
+            # Phase changes are not fsynced (see `save`): after a power loss the file may be
+            # damaged. Starting over is safe: the agent registers again under its name (same id)
+            # and fetches the newest global model.
+            log.warning("%s is unreadable (%s); starting from a fresh state", self.state_file, exc)
+            return AgentState(name=name)
         if state.name != name:
             # A different agent's directory: starting over is safer than impersonating it.
             return AgentState(name=name)
         return state
 
-    def save(self, state: AgentState) -> None:
-        _atomic_write(self.state_file, json.dumps(asdict(state), indent=1).encode())
+    def save(self, state: AgentState, durable: bool = True) -> None:
+        """Write `state` atomically. `durable=False` skips the fsync: enough for the phase
+        changes of a round, which a killed process keeps (the page cache survives it); after a
+        power loss an older phase only repeats work the aggregator deduplicates (a download, a
+        training, an upload refused as duplicate_upload)."""
+        _atomic_write(self.state_file, json.dumps(asdict(state), indent=1).encode(), durable)
 
     def load_credential(self, name: str) -> str | None:
         """Return the credential the aggregator gave agent `name`, if this directory holds it."""
@@ -95,15 +112,19 @@ class StateDir:
         _atomic_write(self.credential_file, data)
         os.chmod(self.credential_file, 0o600)
 
-    def save_global(self, data: bytes) -> None:
+    def save_global(self, data: ModelBody) -> None:
         # No fsync: a process crash keeps the page cache, and after a power loss a damaged
         # copy is fetched again from the aggregator (see Agent._train).
+        # The old file goes first: it is only read in gm_ready/training, and the agent saves a
+        # new global model in waiting_gm. A rename over an existing file makes ext4 (auto_da_alloc)
+        # start writing the new file's data back at once: ≈ 100 ms for 100 MB here, vs ≈ 27 ms.
+        self.global_file.unlink(missing_ok=True)
         _atomic_write(self.global_file, data, durable=False)
 
     def load_global(self) -> Weights:
         return codec.decode(self.global_file.read_bytes())
 
-    def save_local(self, data: bytes, meta: dict[str, Any]) -> None:
+    def save_local(self, data: ModelBody, meta: dict[str, Any]) -> None:
         # The model first, then its metadata: metadata present implies the model is complete.
         # Not fsynced either: a model damaged by a power loss is refused as bad_model by the
         # aggregator and the agent goes back to waiting (it never uploads garbage silently).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import importlib.util
 import logging
 import socket
 import ssl
@@ -31,15 +32,30 @@ def check_port(host: str, port: int) -> None:
             ) from exc
 
 
+def event_loop_and_parser() -> tuple[str, str]:
+    """Return uvicorn's `loop` and `http` settings: uvloop and httptools where installed.
+
+    Both are C implementations (libuv sockets, llhttp parsing) of what asyncio and h11 do in
+    Python; they are plain dependencies of fedloop, but a machine without a wheel for them
+    still runs on asyncio and h11, only slower (docs/performance.md, third pass).
+    """
+    loop = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
+    return loop, http
+
+
 def serve(config: AggregatorConfig) -> None:
     """Serve until interrupted."""
     check_port(config.host, config.port)
     app = create_app(config)
+    loop, http = event_loop_and_parser()
     server = uvicorn.Server(
         uvicorn.Config(
             app,
             host=config.host,
             port=config.port,
+            loop=loop,
+            http=http,
             log_level=config.log_level,
             access_log=False,
             lifespan="on",
@@ -59,4 +75,5 @@ def serve(config: AggregatorConfig) -> None:
         config.data_dir,
         " with mutual TLS" if config.tls_client_ca else "",
     )
+    logging.getLogger("fedloop").debug("event loop %s, HTTP parser %s", loop, http)
     server.run()

@@ -90,6 +90,16 @@ class ModelSpec:
 
 def encode(weights: Mapping[str, np.ndarray]) -> bytes:
     """Return `weights` as safetensors bytes, tensors in the mapping's order."""
+    return b"".join(encode_parts(weights))
+
+
+def encode_parts(weights: Mapping[str, np.ndarray]) -> list[bytes | memoryview]:
+    """Return `weights` as safetensors bytes in pieces: the header, then a view of each tensor.
+
+    Joined, the pieces are `encode(weights)`; unjoined they cost no copy of the model (only a
+    tensor that is not C-contiguous little-endian in a safetensors dtype is converted). Whoever
+    keeps them must not change the tensors.
+    """
     header: dict[str, Any] = {}
     arrays: list[np.ndarray] = []
     offset = 0
@@ -107,9 +117,9 @@ def encode(weights: Mapping[str, np.ndarray]) -> bytes:
         arrays.append(array)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
-    parts: list[bytes | memoryview] = [struct.pack("<Q", len(raw)), raw]
-    parts.extend(a.data.cast("B") for a in arrays if a.nbytes)
-    return b"".join(parts)
+    parts: list[bytes | memoryview] = [struct.pack("<Q", len(raw)) + raw]
+    parts.extend(a.reshape(-1).data.cast("B") for a in arrays if a.nbytes)
+    return parts
 
 
 def read_header(data: Bytes) -> tuple[dict[str, Any], int]:

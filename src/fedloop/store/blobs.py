@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -48,6 +49,16 @@ class BlobStore:
         `key` must be the sha256 of `data` when given (e.g. computed while it streamed in).
         """
         key = key or known_digest(data) or blob_id(data)
+        return self._write(key, [data])
+
+    def put_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> str:
+        """Store the concatenation of `parts` like `put`, without joining them in memory."""
+        hasher = hashlib.sha256()
+        for part in parts:
+            hasher.update(part)
+        return self._write(hasher.hexdigest(), parts)
+
+    def _write(self, key: str, parts: Sequence[bytes | bytearray | memoryview]) -> str:
         target = self.path(key)
         if target.exists():
             return key
@@ -55,7 +66,8 @@ class BlobStore:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+                for part in parts:
+                    handle.write(part)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, target)

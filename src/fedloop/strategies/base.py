@@ -260,10 +260,20 @@ class RunningMean:
 
     def __init__(self) -> None:
         self._sums: dict[str, Array] = {}
+        # The float64 buffers behind `_sums`, kept by reset(): an aggregator that reuses one
+        # RunningMean allocates (and page-faults in) 2 × the model once, not every round.
+        self._buffers: dict[str, Array] = {}
         self._scratch: Array | None = None  # reused for n_i * y_i: no temporaries per upload
         # The first upload is kept as it came (views into its body) and only turned into
         # float64 sums when a second one arrives: one upload needs no float64 copy at all.
         self._first: Update | None = None
+        self._samples = 0
+        self._count = 0
+
+    def reset(self) -> None:
+        """Forget every upload folded in, keeping the buffers for the next round's uploads."""
+        self._sums = {}
+        self._first = None
         self._samples = 0
         self._count = 0
 
@@ -297,7 +307,9 @@ class RunningMean:
         weight = float(first.num_samples)
         for key, tensor in first.weights.items():
             array = np.asarray(tensor)
-            total = np.empty(array.shape, dtype=np.float64)
+            total = self._buffers.get(key)
+            if total is None or total.shape != array.shape:
+                total = self._buffers[key] = np.empty(array.shape, dtype=np.float64)
             np.multiply(array, weight, out=total, dtype=np.float64)
             self._sums[key] = total
 

@@ -1,0 +1,237 @@
+"""The CLI agent's client moves models without extra copies: downloads into one buffer sized
+from Content-Length, uploads and registrations streamed from views of the tensors."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from fedloop.agent.client import AggregatorClient, Refused, body_size
+from fedloop.agent.state import AgentState, Phase, StateDir
+from fedloop.errors import ConnectionFailed
+from fedloop.protocol import codec
+from fedloop.protocol.messages import GlobalModelInfo
+from fedloop.protocol.version import MESSAGE_HEADER
+
+WEIGHTS = {"w": np.arange(12, dtype=np.float32).reshape(4, 3), "b": np.ones(3, np.float32)}
+INFO = GlobalModelInfo(round=3, config={"mu": 0.5}).model_dump_json()
+
+
+def _client(handler: Callable[[httpx.Request], httpx.Response]) -> AggregatorClient:
+    client = AggregatorClient("http://aggregator.test", token="secret")
+    client.http.close()
+    client.http = httpx.Client(base_url=client.url, transport=httpx.MockTransport(handler))
+    return client
+
+
+def _model_response(body: bytes, length: int | None = None) -> httpx.Response:
+    headers = {MESSAGE_HEADER: INFO, "content-length": str(len(body) if length is None else length)}
+    return httpx.Response(200, headers=headers, stream=httpx.ByteStream(body))
+
+
+def test_latest_global_is_read_into_one_buffer() -> None:
+    body = codec.encode(WEIGHTS)
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return _model_response(body)
+
+    result = _client(handler).latest_global(2, 0.5)
+    assert result is not None
+    info, data = result
+    assert isinstance(data, bytearray) and data == body
+    assert (info.round, info.config) == (3, {"mu": 0.5})
+    assert seen[0].url.params["after"] == "2" and seen[0].url.params["wait"] == "0.5"
+    assert seen[0].headers["authorization"] == "Bearer secret"
+
+
+def test_not_yet_is_none() -> None:
+    assert _client(lambda request: httpx.Response(204)).latest_global(2) is None
+
+
+def test_global_model_by_round_is_read_only() -> None:
+    body = codec.encode(WEIGHTS)
+    weights = _client(lambda request: _model_response(body)).global_model(1)
+    np.testing.assert_array_equal(weights["w"], WEIGHTS["w"])
+    assert not weights["w"].flags.writeable
+
+
+@pytest.mark.parametrize("length", [10_000, 10])
+def test_a_body_of_the_wrong_length_is_retried(length: int) -> None:
+    body = codec.encode(WEIGHTS)
+    client = _client(lambda request: _model_response(body, length))
+    with pytest.raises(ConnectionFailed):
+        client.latest_global(2)
+
+
+def test_errors_while_downloading() -> None:
+    refused = _client(
+        lambda request: httpx.Response(404, json={"error": "no_model", "detail": "none yet"})
+    )
+    with pytest.raises(Refused) as info:
+        refused.global_model(7)
+    assert (info.value.status, info.value.code) == (404, "no_model")
+    with pytest.raises(ConnectionFailed):
+        _client(lambda request: httpx.Response(503, text="restarting")).latest_global(2)
+
+    def drop(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadError("connection reset")
+
+    with pytest.raises(ConnectionFailed):
+        _client(drop).latest_global(2)
+
+
+def _capture(
+    answer: dict[str, object],
+) -> tuple[list[tuple[httpx.Headers, bytes]], AggregatorClient]:
+    received: list[tuple[httpx.Headers, bytes]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        received.append((request.headers, request.read()))
+        return httpx.Response(200, json=answer)
+
+    return received, _client(handler)
+
+
+def test_upload_streams_the_parts_with_a_content_length() -> None:
+    received, client = _capture({"accepted": True, "round": 1, "uploads": 1, "needed": 2})
+    parts = codec.encode_parts(WEIGHTS)
+    assert body_size(parts) == len(codec.encode(WEIGHTS))
+    client.upload("id1", 1, parts, 10, {"loss": 0.5})
+    client.upload("id1", 1, codec.encode(WEIGHTS), 10)
+    for headers, body in received:
+        assert body == codec.encode(WEIGHTS)
+        assert headers["content-length"] == str(len(body))
+        assert "transfer-encoding" not in headers
+    assert json.loads(received[0][0][MESSAGE_HEADER])["metrics"] == {"loss": 0.5}
+
+
+def test_register_streams_the_initial_model() -> None:
+    answer = {"agent_id": "id1", "round": 0, "global_round": 0}
+    received, client = _capture(answer)
+    assert client.register("a", WEIGHTS).agent_id == "id1"
+    assert client.register("a").agent_id == "id1"
+    (first, body), (second, empty) = received
+    assert body == codec.encode(WEIGHTS) and first["content-length"] == str(len(body))
+    assert empty == b"" and second["content-length"] == "0"
+
+
+def test_local_model_is_saved_from_its_parts(tmp_path: Path) -> None:
+    directory = StateDir(tmp_path)
+    directory.save_local(codec.encode_parts(WEIGHTS), {"round": 2})
+    assert directory.load_local() == (codec.encode(WEIGHTS), {"round": 2})
+    directory.save_global(bytearray(codec.encode(WEIGHTS)))
+    np.testing.assert_array_equal(directory.load_global()["b"], WEIGHTS["b"])
+
+
+def test_unreadable_state_starts_over(tmp_path: Path) -> None:
+    directory = StateDir(tmp_path)
+    directory.save(AgentState(name="a", agent_id="id1", phase=Phase.SENDING), durable=False)
+    assert directory.load("a").phase == Phase.SENDING
+    directory.state_file.write_bytes(b"")  # e.g. a phase change lost to a power cut
+    assert directory.load("a") == AgentState(name="a")
+
+
+class _Aggregator:
+    """Just enough of an aggregator for one agent: a global model per round, uploads kept."""
+
+    def __init__(self, rounds: int) -> None:
+        self.rounds = rounds
+        self.uploads: list[tuple[int, bytes]] = []
+        self.models = {0: codec.encode(WEIGHTS)}
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/v1/register":
+            request.read()
+            return httpx.Response(200, json={"agent_id": "id1", "round": 1, "global_round": 0})
+        if path == "/v1/models/global/latest":
+            newest = max(self.models)
+            if newest <= int(request.url.params["after"]):
+                return httpx.Response(204)
+            info = GlobalModelInfo(round=newest, finished=newest == self.rounds)
+            body = self.models[newest]
+            headers = {MESSAGE_HEADER: info.model_dump_json(), "content-length": str(len(body))}
+            return httpx.Response(200, headers=headers, stream=httpx.ByteStream(body))
+        if path == "/v1/updates":
+            round_number = json.loads(request.headers[MESSAGE_HEADER])["round"]
+            body = request.read()
+            self.uploads.append((round_number, body))
+            shifted = {k: v + 1 for k, v in codec.decode(body).items()}
+            self.models[round_number] = codec.encode(shifted)
+            answer = {"accepted": True, "round": round_number, "uploads": 1, "needed": 1}
+            return httpx.Response(200, json=answer)
+        return httpx.Response(404, json={"error": "not_found", "detail": path})
+
+
+class _KeepEngine:
+    """Returns the weights it gets (views of the agent's download buffer), like NoopEngine."""
+
+    def __init__(self) -> None:
+        self.seen: list[bool] = []
+
+    def train(
+        self, weights: dict[str, np.ndarray], config: dict[str, object]
+    ) -> tuple[dict[str, np.ndarray], int, dict[str, float]]:
+        self.seen.append(all(not w.flags.writeable for w in weights.values()))
+        return weights, 5, {}
+
+
+def test_agent_rounds_through_buffers_and_fsyncs_only_its_registration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedloop.agent.runner import Agent
+
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
+    aggregator, engine = _Aggregator(rounds=3), _KeepEngine()
+    agent = Agent(engine, "http://aggregator.test", "a", tmp_path, mode="poll", poll_wait=0.0)
+    agent.client.http = httpx.Client(
+        base_url=agent.client.url, transport=httpx.MockTransport(aggregator)
+    )
+    agent.initial_weights = WEIGHTS
+    state = agent.run()
+
+    assert (state.global_round, state.rounds_trained, state.finished) == (3, 3, True)
+    assert [r for r, _ in aggregator.uploads] == [1, 2, 3]
+    for (r, body), shift in zip(aggregator.uploads, range(3), strict=True):
+        assert body == codec.encode({k: v + shift for k, v in WEIGHTS.items()}), r
+    assert engine.seen == [True, True, True]  # read-only views, as over bytes
+    assert len(fsyncs) == 1  # the registration; phase changes are not fsynced
+    assert agent._global_bytes is not None and agent._global_bytes[0] == 3
+    assert StateDir(tmp_path).load("a").phase == Phase.WAITING_GM
+    assert StateDir(tmp_path).load_local() is None
+    np.testing.assert_array_equal(StateDir(tmp_path).load_global()["b"], WEIGHTS["b"] + 3)
+
+
+def test_async_agent_sends_the_whole_model_again_when_it_retries() -> None:
+    import asyncio
+
+    from fedloop.agent.aio import AsyncAgent
+
+    bodies: list[bytes] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(request.content)
+        if len(bodies) == 1:
+            raise httpx.ReadError("connection reset")
+        return httpx.Response(200, json={"ok": True})
+
+    async def send() -> None:
+        agent = AsyncAgent(_KeepEngine(), "http://aggregator.test", "a")
+        transport = httpx.MockTransport(handler)
+        async with httpx.AsyncClient(base_url=agent.url, transport=transport) as http:
+            parts = codec.encode_parts(WEIGHTS)
+            headers = {"content-length": str(body_size(parts))}
+            await agent._send(http, "POST", "/v1/updates", model=parts, headers=headers)
+
+    asyncio.run(send())
+    assert bodies == [codec.encode(WEIGHTS)] * 2
