@@ -32,6 +32,27 @@ class EvaluateConfig(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict)  # passed to evaluate()
 
 
+class SecAggSettings(BaseModel):
+    """`[secagg]`: secure aggregation (docs/privacy.md): the aggregator sees only masked updates."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = False
+    # Shamir threshold as a fraction of the round's cohort n: t = max(2, ceil(threshold * n)).
+    threshold: float = Field(default=0.66, gt=0.0, le=1.0)
+    frac_bits: int = Field(default=24, ge=0, le=62)
+    num_bits: int = 64
+    # Seconds each phase waits for stragglers before going on with at least t agents.
+    phase_timeout: float = Field(default=60.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> SecAggSettings:
+        if self.num_bits not in (32, 64):
+            raise ValueError(f"secagg.num_bits must be 32 or 64, got {self.num_bits}")
+        if self.frac_bits >= self.num_bits - 1:
+            raise ValueError(f"secagg.frac_bits must be below {self.num_bits - 1}")
+        return self
+
+
 class AggregatorConfig(BaseModel):
     """Everything an aggregator needs; every field has a safe default."""
 
@@ -61,6 +82,7 @@ class AggregatorConfig(BaseModel):
     auth: bool = False
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     evaluate: EvaluateConfig | None = None
+    secagg: SecAggSettings = Field(default_factory=lambda: SecAggSettings())
 
     @model_validator(mode="after")
     def _resolve(self) -> AggregatorConfig:
@@ -84,7 +106,7 @@ def _from_env() -> dict[str, Any]:
     for key, value in os.environ.items():
         if key.startswith(_ENV_PREFIX):
             name = key[len(_ENV_PREFIX) :].lower()
-            if name in fields and name not in ("strategy", "evaluate"):
+            if name in fields and name not in ("strategy", "evaluate", "secagg"):
                 out[name] = value
     return out
 
@@ -92,8 +114,8 @@ def _from_env() -> dict[str, Any]:
 def load_config(path: str | Path | None = None, **overrides: Any) -> AggregatorConfig:
     """Return the aggregator config from `path`, the environment and `overrides` (in that order).
 
-    TOML keys may sit at the top level or under `[aggregator]`; `[strategy]` and `[evaluate]`
-    are tables of their own.
+    TOML keys may sit at the top level or under `[aggregator]`; `[strategy]`, `[evaluate]` and
+    `[secagg]` are tables of their own.
     """
     data: dict[str, Any] = {}
     if path is not None:

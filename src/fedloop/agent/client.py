@@ -6,7 +6,7 @@ import json
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +17,7 @@ from fedloop.errors import ConnectionFailed, ProtocolError
 from fedloop.protocol import codec
 from fedloop.protocol.messages import (
     GlobalModelInfo,
+    Message,
     MetricsReport,
     PushMessage,
     RegisterRequest,
@@ -35,11 +36,50 @@ T = TypeVar("T")
 _CHUNK = 1024 * 1024
 
 
-def _chunks(data: bytes) -> Iterator[memoryview]:
-    """Yield `data` in 1 MiB views: httpx streams them without another copy of the model."""
-    view = memoryview(data)
-    for start in range(0, len(view), _CHUNK):
-        yield view[start : start + _CHUNK]
+# A model body: safetensors bytes, or its pieces as `codec.encode_parts` returns them (views of
+# the tensors: sent and written without joining them into one more copy of the model).
+ModelBody = codec.Bytes | Sequence[codec.Bytes]
+
+
+def body_parts(data: ModelBody) -> Sequence[codec.Bytes]:
+    """Return a model body as a sequence of buffers."""
+    return [data] if isinstance(data, bytes | bytearray | memoryview) else data
+
+
+def body_size(data: ModelBody) -> int:
+    """Return a model body's length in bytes."""
+    return sum(memoryview(part).nbytes for part in body_parts(data))
+
+
+def _chunks(data: ModelBody) -> Iterator[memoryview]:
+    """Yield `data` in views of at most 1 MiB: httpx streams them without another copy of the
+    model (h11 joins each chunk with its framing: a whole model as one chunk would be copied)."""
+    for part in body_parts(data):
+        view = memoryview(part).cast("B")
+        for start in range(0, len(view), _CHUNK):
+            yield view[start : start + _CHUNK]
+
+
+def _read_into_buffer(response: httpx.Response) -> bytearray | bytes:
+    """Return a streamed response's body, in one preallocated buffer when its size is known."""
+    declared = response.headers.get("content-length")
+    if declared is None or response.headers.get("content-encoding"):
+        return response.read()
+    size = int(declared)
+    body = bytearray(size)
+    view, filled = memoryview(body), 0
+    try:
+        for chunk in response.iter_raw():
+            end = filled + len(chunk)
+            if end > size:
+                raise ConnectionFailed("the model body is longer than its Content-Length")
+            view[filled:end] = chunk
+            filled = end
+    finally:
+        view.release()
+    if filled != size:
+        raise ConnectionFailed("the model body is shorter than its Content-Length")
+    return body
 
 
 class Refused(ProtocolError):
@@ -95,6 +135,11 @@ class AggregatorClient:
                 f"cannot reach the aggregator at {self.url} ({type(exc).__name__}: {exc}); "
                 "check that it is running and that the address is right"
             ) from exc
+        self._check(response)
+        return response
+
+    def _check(self, response: httpx.Response) -> None:
+        """Raise ConnectionFailed for a 5xx answer, Refused for a 4xx one (read responses only)."""
         if response.status_code >= 500:
             # A restarting aggregator behind a load balancer answers 502/503/504, and a 500 is
             # the server's fault: all are worth another try, like a refused connection.
@@ -109,18 +154,45 @@ class AggregatorClient:
             except (ValueError, KeyError, TypeError):
                 code, detail = "http_error", response.text[:500]
             raise Refused(detail, response.status_code, code)
-        return response
+
+    def _download(
+        self, path: str, params: Mapping[str, Any] | None = None, timeout: float | None = None
+    ) -> tuple[httpx.Headers, bytearray | bytes] | None:
+        """GET a model body streamed into one buffer preallocated from its Content-Length.
+
+        `response.content` would hold httpx's chunks and their join: two copies of the model at
+        once. Returns None for a 204 ("not yet"); errors as `_send`.
+        """
+        headers = auth_header(self.token)
+        extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        try:
+            with self.http.stream("GET", path, params=params, headers=headers, **extra) as response:
+                if response.status_code == 204:
+                    return None
+                if response.status_code >= 400:
+                    response.read()
+                    self._check(response)
+                return response.headers, _read_into_buffer(response)
+        except httpx.TransportError as exc:  # also a connection lost mid-body
+            raise ConnectionFailed(
+                f"cannot reach the aggregator at {self.url} ({type(exc).__name__}: {exc}); "
+                "check that it is running and that the address is right"
+            ) from exc
 
     def register(
         self, name: str, weights: Mapping[str, np.ndarray] | None = None
     ) -> RegisterResponse:
         message = RegisterRequest(agent_name=name)
-        body = codec.encode(weights) if weights is not None else b""
+        # Streamed from views of the tensors: no encoded copy of the initial model.
+        body = codec.encode_parts(weights) if weights is not None else []
         response = self._send(
             "POST",
             "/v1/register",
-            content=body,
-            headers={MESSAGE_HEADER: message.model_dump_json()},
+            content=_chunks(body),
+            headers={
+                MESSAGE_HEADER: message.model_dump_json(),
+                "content-length": str(body_size(body)),
+            },
         )
         return RegisterResponse.model_validate(response.json())
 
@@ -128,7 +200,7 @@ class AggregatorClient:
         self,
         agent_id: str,
         round_number: int,
-        data: bytes,
+        data: ModelBody,
         num_samples: int,
         metrics: Mapping[str, float] | None = None,
     ) -> UploadResponse:
@@ -142,25 +214,32 @@ class AggregatorClient:
             "POST",
             "/v1/updates",
             content=_chunks(data),
-            headers={MESSAGE_HEADER: message.model_dump_json(), "content-length": str(len(data))},
+            headers={
+                MESSAGE_HEADER: message.model_dump_json(),
+                "content-length": str(body_size(data)),
+            },
         )
         return UploadResponse.model_validate(response.json())
 
-    def latest_global(self, after: int, wait: float = 0.0) -> tuple[GlobalModelInfo, bytes] | None:
-        """Return the newest global model if its round is above `after`, else None ("not yet")."""
-        response = self._send(
-            "GET",
-            "/v1/models/global/latest",
-            params={"after": after, "wait": wait},
-            timeout=wait + 60.0,
+    def latest_global(
+        self, after: int, wait: float = 0.0
+    ) -> tuple[GlobalModelInfo, bytearray | bytes] | None:
+        """Return the newest global model if its round is above `after`, else None ("not yet").
+
+        The body comes in one buffer (a `bytearray` when the size was announced)."""
+        result = self._download(
+            "/v1/models/global/latest", params={"after": after, "wait": wait}, timeout=wait + 60.0
         )
-        if response.status_code == 204:
+        if result is None:
             return None
-        info = parse_message(GlobalModelInfo, response.headers.get(MESSAGE_HEADER))
-        return info, response.content
+        headers, body = result
+        return parse_message(GlobalModelInfo, headers.get(MESSAGE_HEADER)), body
 
     def global_model(self, round_number: int) -> Weights:
-        return codec.decode(self._send("GET", f"/v1/models/global/{round_number}").content)
+        result = self._download(f"/v1/models/global/{round_number}")
+        if result is None:
+            raise ProtocolError(f"the aggregator sent no body for global model {round_number}")
+        return codec.decode(memoryview(result[1]).toreadonly())
 
     def report(self, agent_id: str, round_number: int, metrics: Mapping[str, float]) -> None:
         message = MetricsReport(
@@ -174,6 +253,44 @@ class AggregatorClient:
     def history(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = self._send("GET", "/v1/history").json()["rounds"]
         return rows
+
+    # --- secure aggregation (fedloop.agent.secure) ----------------------------------------
+    def secagg_post(self, round_number: int, step: str, message: Message) -> dict[str, Any]:
+        """POST one JSON message of round `round_number`'s secure aggregation; return the reply."""
+        response = self._send(
+            "POST",
+            f"/v1/secagg/{round_number}/{step}",
+            content=message.model_dump_json(),
+            headers={"content-type": "application/json"},
+        )
+        reply: dict[str, Any] = response.json()
+        return reply
+
+    def secagg_masked(self, round_number: int, message: Message, data: bytes) -> dict[str, Any]:
+        """POST the masked input (little-endian unsigned ints) with its header message."""
+        response = self._send(
+            "POST",
+            f"/v1/secagg/{round_number}/masked",
+            content=_chunks(data),
+            headers={MESSAGE_HEADER: message.model_dump_json(), "content-length": str(len(data))},
+        )
+        reply: dict[str, Any] = response.json()
+        return reply
+
+    def secagg_poll(
+        self, round_number: int, step: str, agent_id: str, attempt: int, wait: float
+    ) -> dict[str, Any] | None:
+        """GET what a closed phase hands this agent; None while the phase is open."""
+        response = self._send(
+            "GET",
+            f"/v1/secagg/{round_number}/{step}",
+            params={"agent_id": agent_id, "attempt": attempt, "wait": wait},
+            timeout=wait + 60.0,
+        )
+        if response.status_code == 204:
+            return None
+        reply: dict[str, Any] = response.json()
+        return reply
 
 
 def retry(

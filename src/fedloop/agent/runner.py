@@ -12,7 +12,7 @@ from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
-from fedloop.agent.client import AggregatorClient, PushListener, Refused, retry
+from fedloop.agent.client import AggregatorClient, ModelBody, PushListener, Refused, retry
 from fedloop.agent.state import AgentState, Phase, StateDir
 from fedloop.errors import FedloopError
 from fedloop.protocol import codec
@@ -84,14 +84,19 @@ class Agent:
         self.state = self.dir.load(name)
         # Set by the aggregator at registration: stale local models are still welcome.
         self.asynchronous = False
+        # Set by the aggregator at registration: local models go through secure aggregation.
+        self.secure_aggregation = False
         # The global model an accepted upload goes into must exist before training again
         # (async mode: with a buffer, the current global model is not it). Not persisted: after
         # a restart the aggregator refuses the one duplicate this can cause.
         self._wait_after = -1
         # The files in `dir` are for resuming after a crash; while running, the same bytes are
         # kept here so a round does not read back what it has just written.
-        self._global_bytes: tuple[int, bytes] | None = None
-        self._local: tuple[bytes, dict[str, Any]] | None = None
+        # The global bytes are dropped once trained on (and before the next download), and the
+        # local model is kept as views of the engine's tensors (`codec.encode_parts`), so a round
+        # holds one copy of the model besides the engine's.
+        self._global_bytes: tuple[int, bytes | bytearray] | None = None
+        self._local: tuple[ModelBody, dict[str, Any]] | None = None
 
     # --- helpers --------------------------------------------------------------------------
     def _call(self, action: Callable[[], T]) -> T:
@@ -101,8 +106,9 @@ class Agent:
         return retry(action, self.stop_event, self.backoff_max, self.give_up_after, note)
 
     def _enter(self, phase: Phase) -> None:
+        # Not fsynced: a killed agent keeps it; see StateDir.save for a power loss.
         self.state.phase = phase
-        self.dir.save(self.state)
+        self.dir.save(self.state, durable=False)
 
     def _initial_weights(self) -> Weights | None:
         if self.initial_weights is not None:
@@ -132,6 +138,7 @@ class Agent:
             log.info("enrolled; credential kept in %s", self.dir.credential_file)
         self.state.agent_id = reply.agent_id
         self.asynchronous = reply.asynchronous
+        self.secure_aggregation = reply.secure_aggregation  # local models go masked
         self.dir.save(self.state)
         log.info(
             "registered as %s; aggregator at round %d%s",
@@ -171,6 +178,7 @@ class Agent:
         return self.max_rounds is not None and self.state.rounds_trained >= self.max_rounds
 
     def _wait_for_global(self) -> None:
+        self._global_bytes = None  # not needed any more: never hold two global models
         held = max(self.state.global_round, self._wait_after)
         if self.push is not None and self.push.connected:
             if not self.push.wait_beyond(held, 1.0):
@@ -185,7 +193,12 @@ class Agent:
         self._global_bytes = (info.round, data)
         self.state.global_round, self.state.config = info.round, dict(info.config)
         self.state.finished = info.finished
-        self._enter(Phase.GM_READY)
+        if self.evaluate_global or info.finished:
+            self._enter(Phase.GM_READY)
+        else:
+            # Training follows at once and its `_enter(TRAINING)` saves all this: a kill before
+            # that resumes in waiting_gm and fetches this model again. One state write less.
+            self.state.phase = Phase.GM_READY
         log.info("global model %d received%s", info.round, " (final)" if info.finished else "")
         if self.evaluate_global:
             self._evaluate_global(info.round)
@@ -194,7 +207,8 @@ class Agent:
 
     def _held_global(self) -> Weights:
         if self._global_bytes is not None and self._global_bytes[0] == self.state.global_round:
-            return codec.decode(self._global_bytes[1])
+            # read-only views, as over `bytes`: an engine cannot change the buffer in place
+            return codec.decode(memoryview(self._global_bytes[1]).toreadonly())
         return self.dir.load_global()
 
     def _evaluate_global(self, round_number: int) -> None:
@@ -215,12 +229,14 @@ class Agent:
             weights = self._call(lambda: self.client.global_model(round_number))
         config = {**self.state.config, "round": self.state.global_round + 1}
         new, num_samples, metrics = self.engine.train(weights, config)
+        del weights
+        self._global_bytes = None  # trained on: its buffer goes unless `new` views it
         meta = {
             "round": self.state.global_round + 1,
             "num_samples": int(num_samples),
             "metrics": {k: float(v) for k, v in dict(metrics).items()},
         }
-        data = codec.encode(new)
+        data = codec.encode_parts(new)  # views of `new`: written and uploaded without a copy
         self.dir.save_local(data, meta)
         self._local = (data, meta)
         self._enter(Phase.SENDING)
@@ -240,6 +256,10 @@ class Agent:
                 "local model of round %d overtaken by a newer global model; discarded",
                 meta["round"],
             )
+        elif self.secure_aggregation:
+            from fedloop.agent.secure import send_secure
+
+            send_secure(self, data, meta)
         else:
             assert self.state.agent_id is not None
             agent_id = self.state.agent_id

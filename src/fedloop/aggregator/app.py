@@ -6,16 +6,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from fedloop.aggregator import metrics, openapi
+from fedloop.aggregator.secure import routes as secure_routes
 from fedloop.aggregator.service import Aggregator, Principal
 from fedloop.config import AggregatorConfig
 from fedloop.dashboard import routes as dashboard_routes
@@ -48,6 +51,58 @@ def _challenge(exc: ProtocolError) -> dict[str, str] | None:
     if exc.status != 401:
         return None
     return {"www-authenticate": f'Bearer realm="fedloop", error="invalid_token", code="{exc.code}"'}
+
+
+SEND_CHUNK = 1024 * 1024  # bytes per ASGI body message when a model is sent
+
+
+class ModelResponse(Response):
+    """A model's safetensors bytes, sent from the pieces it is held in (`GlobalModel.parts`).
+
+    Sent as 1 MiB memoryview slices with a Content-Length: no joined copy of the model, and the
+    server's write buffer never holds more than a slice or two (it waits for the socket to
+    drain between them), where a whole-body `Response` made the transport copy all of it.
+    """
+
+    media_type = "application/octet-stream"
+
+    def __init__(
+        self,
+        parts: Sequence[bytes | bytearray | memoryview],
+        headers: dict[str, str],
+        size: int | None = None,
+    ) -> None:
+        self.parts = parts
+        self.size = sum(len(part) for part in parts) if size is None else size
+        super().__init__(headers={**headers, "content-length": str(self.size)})
+
+    async def chunks(self) -> AsyncIterator[bytes | memoryview]:
+        for part in self.parts:
+            view = memoryview(part).cast("B")
+            for start in range(0, len(view), SEND_CHUNK):
+                yield view[start : start + SEND_CHUNK]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        if scope.get("method") != "HEAD":
+            async for chunk in self.chunks():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class BlobResponse(ModelResponse):
+    """A stored model's file, read and sent 1 MiB at a time (never whole in memory)."""
+
+    def __init__(self, path: Path, headers: dict[str, str]) -> None:
+        self.path = path
+        super().__init__([], headers, size=path.stat().st_size)
+
+    async def chunks(self) -> AsyncIterator[bytes | memoryview]:
+        with self.path.open("rb", buffering=0) as handle:
+            while chunk := await asyncio.to_thread(handle.read, SEND_CHUNK):
+                yield chunk
 
 
 async def read_body(request: Request, limit: int) -> bytearray:
@@ -138,12 +193,11 @@ def create_app(config: AggregatorConfig, aggregator: Aggregator | None = None) -
         model = await agg.wait_for_global(after, wait)
         if model is None:
             return Response(status_code=204, headers={"x-fedloop-status": "not-yet"})
-        agg.stats["bytes_out"] += len(model.data)
-        return Response(
-            model.data,
-            media_type="application/octet-stream",
-            headers={MESSAGE_HEADER: agg.global_info().model_dump_json()},
+        response = ModelResponse(
+            model.parts, headers={MESSAGE_HEADER: agg.global_info().model_dump_json()}
         )
+        agg.stats["bytes_out"] += response.size
+        return response
 
     async def global_by_round(request: Request) -> Response:
         agg.require_reader(await who(request))
@@ -156,15 +210,15 @@ def create_app(config: AggregatorConfig, aggregator: Aggregator | None = None) -
             raise ProtocolError(
                 f"there is no global model for round {number}", 404, "no_such_round"
             )
-        data = await asyncio.to_thread(agg.blobs.get, row.model_id)
-        return Response(
-            data,
-            media_type="application/octet-stream",
-            headers={
-                "cache-control": "public, max-age=31536000, immutable",
-                "etag": f'"{row.model_id}"',
-            },
-        )
+        headers = {
+            "cache-control": "public, max-age=31536000, immutable",
+            "etag": f'"{row.model_id}"',
+        }
+        model = agg.global_model
+        if model is not None and model.round == number:
+            # In memory already, as the very bytes of its blob: no read, no copy.
+            return ModelResponse(model.parts, headers=headers)
+        return BlobResponse(agg.blobs.path(row.model_id), headers=headers)
 
     async def evaluations(request: Request) -> Response:
         principal = await who(request)
@@ -260,6 +314,7 @@ def create_app(config: AggregatorConfig, aggregator: Aggregator | None = None) -
         WebSocketRoute("/v1/ws", push),
         Route(scrape.path, admin_metrics),
         Route("/openapi.json", openapi.endpoint),
+        *secure_routes(agg),
         *dashboard_routes(agg),
     ]
     app = Starlette(

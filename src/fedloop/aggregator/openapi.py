@@ -24,6 +24,15 @@ from fedloop.protocol.messages import (
     PushMessage,
     RegisterRequest,
     RegisterResponse,
+    SecAggAccepted,
+    SecAggAdvertise,
+    SecAggJoined,
+    SecAggKeyList,
+    SecAggMaskedInput,
+    SecAggRelayed,
+    SecAggShares,
+    SecAggSurvivors,
+    SecAggUnmask,
     StatusResponse,
     UploadRequest,
     UploadResponse,
@@ -32,7 +41,15 @@ from fedloop.protocol.version import MESSAGE_HEADER, PROTOCOL_VERSION
 
 _REF = "#/components/schemas/{model}"
 # Requests are described as the aggregator validates them, responses as it writes them.
-_REQUESTS: tuple[type[BaseModel], ...] = (RegisterRequest, UploadRequest, MetricsReport)
+_REQUESTS: tuple[type[BaseModel], ...] = (
+    RegisterRequest,
+    UploadRequest,
+    MetricsReport,
+    SecAggAdvertise,
+    SecAggShares,
+    SecAggMaskedInput,
+    SecAggUnmask,
+)
 _RESPONSES: tuple[type[BaseModel], ...] = (
     RegisterResponse,
     UploadResponse,
@@ -40,6 +57,11 @@ _RESPONSES: tuple[type[BaseModel], ...] = (
     StatusResponse,
     ErrorResponse,
     PushMessage,
+    SecAggJoined,
+    SecAggKeyList,
+    SecAggRelayed,
+    SecAggSurvivors,
+    SecAggAccepted,
 )
 
 
@@ -137,6 +159,164 @@ def _errors(*codes: tuple[int, str]) -> dict[str, Any]:
 _BAD_MESSAGE = (400, "missing_message, bad_json, unsupported_protocol or bad_model")
 _INVALID = (422, "invalid_message, or a model that does not match (bad_dtype, wrong_names, …)")
 _TOO_LARGE = (413, "too_large: the body is over max_model_bytes")
+
+
+_SECAGG_REFUSALS = (
+    (
+        409,
+        "secagg_off (secure aggregation is off), round_closed, round_not_open, run_finished, "
+        "no_model, secagg_closed (not in the round's cohort, or too late), secagg_phase, "
+        "secagg_restart (the round's protocol started over: advertise new keys)",
+    ),
+    (404, "unknown_agent: the agent id was never registered"),
+    (403, "with auth on: the credential is not this agent's"),
+)
+
+
+def _secagg_paths() -> dict[str, Any]:
+    """Return the `/v1/secagg/{round}/…` operations (secure aggregation, docs/privacy.md)."""
+    round_param = {
+        "name": "round",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 0},
+    }
+    poll_params = [
+        round_param,
+        {"name": "agent_id", "in": "query", "required": True, "schema": {"type": "string"}},
+        {
+            "name": "attempt",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "integer", "default": 0},
+        },
+        {
+            "name": "wait",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "number", "minimum": 0, "maximum": 60, "default": 0},
+            "description": "Seconds to wait for the phase to close (at most 60).",
+        },
+    ]
+    not_yet = {
+        "description": "the phase is still open after `wait` seconds",
+        "headers": {"x-fedloop-status": {"schema": {"const": "not-yet"}}},
+    }
+
+    def post(
+        operation: str, summary: str, model: type[BaseModel], reply: type[BaseModel]
+    ) -> dict[str, Any]:
+        return {
+            "operationId": operation,
+            "summary": summary,
+            "parameters": [round_param],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref(model)}},
+            },
+            "responses": {
+                "200": _json(reply, "taken"),
+                **_errors(
+                    (400, "missing_message, bad_json or unsupported_protocol"),
+                    *_SECAGG_REFUSALS,
+                    (413, "too_large"),
+                    (422, "invalid_message or secagg_invalid: a field or key is wrong"),
+                ),
+            },
+        }
+
+    def get(operation: str, summary: str, reply: type[BaseModel]) -> dict[str, Any]:
+        return {
+            "operationId": operation,
+            "summary": summary,
+            "parameters": poll_params,
+            "responses": {
+                "200": _json(reply, "the closed phase's answer for this agent"),
+                "204": not_yet,
+                **_errors(
+                    (400, "bad_request: `agent_id` missing, `attempt` or `wait` not a number"),
+                    *_SECAGG_REFUSALS,
+                ),
+            },
+        }
+
+    base = "/v1/secagg/{round}"
+    return {
+        f"{base}/keys": {
+            "post": post(
+                "secaggAdvertise",
+                "Secure aggregation, round 0: join the round's cohort with two public keys.",
+                SecAggAdvertise,
+                SecAggJoined,
+            ),
+            "get": get(
+                "secaggKeyList",
+                "The cohort's public keys and the round's parameters (long poll).",
+                SecAggKeyList,
+            ),
+        },
+        f"{base}/shares": {
+            "post": post(
+                "secaggShares",
+                "Round 1: the agent's encrypted key shares, one per other client.",
+                SecAggShares,
+                SecAggAccepted,
+            ),
+            "get": get(
+                "secaggRelayed",
+                "The encrypted shares addressed to this agent (long poll).",
+                SecAggRelayed,
+            ),
+        },
+        f"{base}/masked": {
+            "post": {
+                "operationId": "secaggMaskedInput",
+                "summary": "Round 2: the masked input vector.",
+                "parameters": [
+                    round_param,
+                    _message_header(SecAggMaskedInput, True, "Required."),
+                ],
+                "requestBody": {
+                    "required": True,
+                    "description": "the masked vector: `dimension` little-endian unsigned "
+                    "integers of `num_bits` bits",
+                    "content": {
+                        "application/octet-stream": {
+                            "schema": {"type": "string", "format": "binary"}
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json(SecAggAccepted, "taken"),
+                    **_errors(
+                        (400, "missing_message, bad_json or unsupported_protocol"),
+                        *_SECAGG_REFUSALS,
+                        (413, "too_large: longer than a masked vector"),
+                        (422, "invalid_message or secagg_invalid: wrong length"),
+                    ),
+                },
+            },
+            "get": get(
+                "secaggSurvivors",
+                "U3, the clients whose masked input arrived (long poll).",
+                SecAggSurvivors,
+            ),
+        },
+        f"{base}/unmask": {
+            "post": post(
+                "secaggUnmask",
+                "Round 3: shares of surviving clients' seeds and dropped clients' keys.",
+                SecAggUnmask,
+                SecAggAccepted,
+            ),
+            "get": get(
+                "secaggOutcome",
+                "Acknowledged once the round's global model is committed (long poll); "
+                "409 round_closed means the same.",
+                SecAggAccepted,
+            ),
+        },
+    }
 
 
 @functools.cache
@@ -349,6 +529,7 @@ def _document() -> dict[str, Any]:
             }
         },
     }
+    paths.update(_secagg_paths())
     return {
         "openapi": "3.1.0",
         "info": {

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from fedloop._loading import load_engine
+from fedloop.aggregator.secure import SecureAggregation
 from fedloop.config import AggregatorConfig
 from fedloop.errors import ProtocolError
 from fedloop.logs import current_agent, set_round_source
@@ -52,8 +53,8 @@ from fedloop.store.db import (
 )
 from fedloop.strategies import RunningMean, Strategy, Update
 from fedloop.strategies import load as load_strategy
-from fedloop.types import Weights
 from fedloop.strategies.dp import privacy_metrics
+from fedloop.types import Weights
 
 log = logging.getLogger("fedloop.aggregator")
 
@@ -62,12 +63,38 @@ SPEC_KEY = "model_spec"
 
 @dataclass
 class GlobalModel:
-    """The latest global model, kept encoded so that serving it costs no work."""
+    """The latest global model, kept encoded so that serving it costs no work.
+
+    ``parts`` are its safetensors bytes in pieces: the header, then views of the tensors of
+    ``weights`` (`codec.encode_parts`), so the model is held once — no joined copy — and the
+    HTTP layer streams the pieces as they are.
+    """
 
     round: int
     weights: Weights
-    data: bytes
+    parts: tuple[bytes | memoryview, ...]
     metrics: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, round: int, weights: Weights, metrics: dict[str, float]) -> GlobalModel:
+        """Return the global model holding `weights` (read-only views of them) and their pieces."""
+        held: Weights = {}
+        for name, tensor in weights.items():
+            # C order, as encode_parts needs: its pieces are then these very tensors' memory.
+            view = np.asarray(tensor, order="C").view()
+            view.flags.writeable = False  # the served bytes are these tensors' memory
+            held[name] = view
+        return cls(round, held, tuple(codec.encode_parts(held)), metrics)
+
+    @property
+    def nbytes(self) -> int:
+        """The length of its safetensors bytes."""
+        return sum(len(part) for part in self.parts)
+
+    @property
+    def data(self) -> bytes:
+        """Its safetensors bytes joined: a copy of the model, for callers that need one buffer."""
+        return b"".join(self.parts)
 
 
 @dataclass(frozen=True)
@@ -133,6 +160,8 @@ class Aggregator:
         self.stats = {"uploads": 0, "rejected": 0, "bytes_in": 0, "bytes_out": 0}
         self.rejected_by_reason: dict[str, int] = {}
         self.aggregation_seconds: list[float] = []  # per aggregation, for /metrics
+        # Secure aggregation ([secagg]): rounds run through /v1/secagg, never /v1/updates.
+        self.secure = SecureAggregation(self) if config.secagg.enabled else None
 
     # --- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -158,8 +187,9 @@ class Aggregator:
         latest = self.store.latest_global()
         if latest is not None:
             data = self.blobs.get(latest.model_id)
+            # The stored bytes as they are (one piece), the weights as views into them.
             self.global_model = GlobalModel(
-                latest.round, codec.decode(data), data, dict(latest.metrics)
+                latest.round, codec.decode(data), (data,), dict(latest.metrics)
             )
             if latest.state_id:
                 self.strategy.load_state(codec.decode(self.blobs.get(latest.state_id)))
@@ -463,18 +493,16 @@ class Aggregator:
                 finished=self.finished,
                 asynchronous=self.asynchronous,
                 credential=credential,
+                secure_aggregation=self.secure is not None,
             )
 
     def _bootstrap(self, agent_id: str, name: str, weights: Weights, now: float) -> None:
         """Fix the model from the first agent and store round 0's global model."""
         spec = ModelSpec.of(weights)
-        initial = (
-            {k: np.array(v) for k, v in weights.items()}
-            if self.config.init_weights
-            else spec.zeros()
-        )
-        data = codec.encode(initial)
-        model_id = self.blobs.put(data)
+        # Views into the registration body, not copies: round 0's model is held once.
+        model = GlobalModel.of(0, weights if self.config.init_weights else spec.zeros(), {})
+        initial = model.weights
+        model_id = self.blobs.put_parts(model.parts)
         self.store.bootstrap(
             {SPEC_KEY: spec.to_json()},
             AgentRow(id=agent_id, name=name, registered_at=now, last_seen=now),
@@ -494,7 +522,8 @@ class Aggregator:
         metrics = self._evaluate(initial)
         if metrics:
             self.store.set_global_metrics(0, metrics)
-        self.global_model = GlobalModel(0, initial, data, metrics)
+        model.metrics = metrics
+        self.global_model = model
         self.round, self.round_started = 1, now
 
     # --- uploads --------------------------------------------------------------------------
@@ -581,6 +610,13 @@ class Aggregator:
     async def upload(self, request: UploadRequest, body: bytes | bytearray) -> UploadResponse:
         """Accept a local model for the current round, or refuse it with the reason."""
         self.known_agent(request.agent_id)
+        if self.secure is not None:
+            raise ProtocolError(
+                "this aggregator runs secure aggregation: local models go masked through "
+                "/v1/secagg, never in the clear; upgrade the agent",
+                409,
+                "secagg_required",
+            )
         self._check_round(request.agent_id, request.round)
         if self.spec is None:
             raise ProtocolError("no model is registered yet", 409, "no_model")
@@ -661,6 +697,36 @@ class Aggregator:
         except DuplicateUpload as exc:
             raise ProtocolError(str(exc), 409, "duplicate_report") from exc
 
+    async def secure_result(
+        self, round_number: int, mean: Weights, total_samples: int, survivors: list[str]
+    ) -> None:
+        """Aggregate a secure round from its unmasked weighted mean (aggregator/secure.py).
+
+        The strategy gets the mean as one update with the survivors' total num_samples; the
+        survivors are the global model's contributors. Individual counts stay secret, so the
+        total is filed under the first survivor and 0 under the others.
+        """
+        async with self.lock:
+            if round_number != self.round or self.closing or self.finished or self.pending:
+                log.warning("round %d: secure result arrived too late; dropped", round_number)
+                return
+            self.closing = True
+            base = self.global_round
+            for i, agent_id in enumerate(sorted(survivors)):
+                update = Update(
+                    weights=mean if i == 0 else {},
+                    num_samples=total_samples if i == 0 else 0,
+                    agent_id=agent_id,
+                    base_round=base,
+                )
+                if i == 0:
+                    await asyncio.to_thread(self._hold, update)
+                else:
+                    self.pending[agent_id] = update
+            await self._aggregate_now("secure aggregation")
+            if self.round == round_number:  # failed: let the secure round start over
+                self.pending, self.running = {}, RunningMean()
+
     # --- aggregation ----------------------------------------------------------------------
     def _maybe_close(self, reason: str) -> None:
         if (
@@ -721,12 +787,17 @@ class Aggregator:
             for t in self.spec.tensors
         }
         codec.check_against(new, self.spec)
-        data = codec.encode(new)
-        new = codec.decode(data)  # views into `data`: the global model is held once, not twice
-        model_id = self.blobs.put(data)
+        # Held once: the pieces it is served and stored from are views of these tensors (for
+        # one FedAvg upload, of the upload's own body), not a joined encoding beside them.
+        model = GlobalModel.of(self.round, new, {})
+        new = model.weights
+        model_id = self.blobs.put_parts(model.parts)
         state = self.strategy.state()
         state_id = self.blobs.put(codec.encode(state)) if state else None
         metrics = self._evaluate(new)
+        # The (ε, δ) spent up to and including this round, kept with its global model for
+        # `fedloop history` and the report; a restart reloads the state that produced it.
+        metrics.update(privacy_metrics(self.strategy))
         now = time.time()
         finished = bool(self.config.rounds) and self.round >= self.config.rounds
         self.store.commit_global(
@@ -754,10 +825,13 @@ class Aggregator:
             elapsed,
             f"; {metrics}" if metrics else "",
         )
-        self.global_model = GlobalModel(self.round, new, data, metrics)
+        model.metrics = metrics
+        self.global_model = model
         self.finished = finished
         self.pending = {}
-        self.running = RunningMean()
+        # Emptied, not replaced: its float64 sums are reused next round (no fresh 2 × model
+        # allocation and its page faults every round).
+        self.running.reset()
         self.round += 1
         self.round_started = now
         self.closing = False
@@ -794,9 +868,6 @@ class Aggregator:
                     log.debug("could not persist last contact times", exc_info=True)
 
     def subscribe(self, agent_id: str) -> asyncio.Queue[PushMessage]:
-        # The (ε, δ) spent up to and including this round, kept with its global model for
-        # `fedloop history` and the report; a restart reloads the state that produced it.
-        metrics.update(privacy_metrics(self.strategy))
         queue: asyncio.Queue[PushMessage] = asyncio.Queue()
         self.subscribers.add(queue)
         self.connected.add(agent_id)

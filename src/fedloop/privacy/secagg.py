@@ -239,6 +239,19 @@ class SecAggClient:
             self.client_id, _raw(self._c_sk.public_key()), _raw(self._s_sk.public_key())
         )
 
+    def join(self, client_id: int, config: SecAggConfig) -> None:
+        """Take the id and round parameters the server assigned, between rounds 0 and 1.
+
+        In a deployment the cohort (so n, the threshold and the ids) is known only when the key
+        round closes, after the client advertised keys made under a provisional config.
+        """
+        if self._step != 1:
+            raise SecAggError(f"client {self.client_id}: join belongs between rounds 0 and 1")
+        if client_id < 1:
+            raise SecAggError(f"client ids must be integers >= 1, got {client_id}")
+        self.client_id = client_id
+        self.config = config
+
     def share_keys(self, keys: Mapping[int, AdvertiseKeys]) -> ShareKeys:
         """Round 1: given every client's keys (U1, self included), return the encrypted shares."""
         self._expect(1, "share_keys")
@@ -341,10 +354,18 @@ class SecAggServer:
         self.config = config
         self._keys: dict[int, AdvertiseKeys] = {}
         self._shares: dict[int, ShareKeys] = {}
-        self._masked: dict[int, UIntArray] = {}
+        # Masked inputs are folded into one running sum as they arrive: the server holds one
+        # vector, not one per client (only the sum is ever needed).
+        self._masked: dict[int, bool] = {}
+        self._masked_sum: UIntArray | None = None
         self._unmask: dict[int, UnmaskShares] = {}
         self._stage = 0  # the round now collecting
         self.integer_sum: UIntArray | None = None
+
+    @property
+    def received(self) -> tuple[int, int, int, int]:
+        """Return how many clients sent keys, shares, masked inputs and unmasking shares."""
+        return len(self._keys), len(self._shares), len(self._masked), len(self._unmask)
 
     def _collecting(self, stage: int, what: str) -> None:
         if self._stage != stage:
@@ -408,7 +429,11 @@ class SecAggServer:
         masked = np.asarray(message.masked)
         if masked.dtype != self.config.dtype or masked.shape != (self.config.dimension,):
             raise SecAggError(f"masked input from client {message.client_id} has the wrong shape")
-        self._masked[message.client_id] = masked
+        if self._masked_sum is None:
+            self._masked_sum = masked.copy()
+        else:
+            np.add(self._masked_sum, masked, out=self._masked_sum)
+        self._masked[message.client_id] = True
 
     def survivors(self) -> list[int]:
         """Close round 2 and return U3, the clients whose masked input arrived."""
@@ -440,8 +465,8 @@ class SecAggServer:
         alive = sorted(self._masked)
         dropped = sorted(set(self._shares) - set(self._masked))
         total = np.zeros(config.dimension, dtype=config.dtype)
-        for u in alive:
-            _apply(total, self._masked[u], 1)
+        if self._masked_sum is not None:
+            _apply(total, self._masked_sum, 1)
         for u in alive:
             seed = self._recover(u, "b")
             _apply(total, prg_mask(seed, config), -1)

@@ -49,6 +49,9 @@ class RegisterResponse(Message):
     ``credential``: with auth on, the agent's own secret, sent once, in the answer to the
     registration that spent its enrollment token; the agent keeps it and sends it as
     ``Authorization: Bearer`` on every later request (docs/security.md).
+
+    ``secure_aggregation``: local models go through the ``/v1/secagg`` rounds (masked), never
+    to ``/v1/updates`` (docs/privacy.md).
     """
 
     agent_id: AgentId
@@ -57,6 +60,7 @@ class RegisterResponse(Message):
     finished: bool = False
     asynchronous: bool = False
     credential: str | None = None
+    secure_aggregation: bool = False
 
 
 class UploadRequest(Message):
@@ -138,6 +142,95 @@ class StatusResponse(Message):
     finished: bool
     strategy: str
     asynchronous: bool = False
+
+
+# --- secure aggregation (docs/privacy.md, fedloop.aggregator.secure) ---------------------------
+# Keys, shares and ciphertexts travel as standard base64 text; ids of the round's clients
+# (1..n, the Shamir x-coordinates) as JSON object keys, i.e. decimal strings.
+
+B64 = Annotated[str, Field(max_length=4096, pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
+ClientKey = Annotated[str, Field(max_length=10, pattern=r"^[1-9][0-9]{0,9}$")]
+Attempt = Annotated[int, Field(ge=0, le=2**31)]
+
+
+class SecAggAdvertise(Message):
+    """An agent joins round ``round``'s secure aggregation: its two X25519 public keys."""
+
+    agent_id: AgentId
+    c_pk: B64
+    s_pk: B64
+
+
+class SecAggJoined(Message):
+    """The aggregator's answer to SecAggAdvertise: the attempt joined and the agent's client id."""
+
+    attempt: int
+    client_id: int
+
+
+class SecAggPublicKeys(BaseModel):
+    """One client's two public keys in the key list."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    c_pk: B64
+    s_pk: B64
+
+
+class SecAggKeyList(Message):
+    """The closed key round: the cohort's keys and the parameters every client must use."""
+
+    attempt: int
+    session: str
+    threshold: int
+    dimension: int
+    num_bits: int
+    frac_bits: int
+    keys: dict[str, SecAggPublicKeys]
+
+
+class SecAggShares(Message):
+    """Round 1: the agent's encrypted shares, one ciphertext per other client id."""
+
+    agent_id: AgentId
+    attempt: Attempt
+    ciphertexts: dict[ClientKey, B64] = Field(max_length=100_000)
+
+
+class SecAggRelayed(Message):
+    """The ciphertexts addressed to one client, by sender id (U2 without the client)."""
+
+    attempt: int
+    ciphertexts: dict[str, str]
+
+
+class SecAggMaskedInput(Message):
+    """Round 2's header message; the body is the masked vector, little-endian unsigned ints."""
+
+    agent_id: AgentId
+    attempt: Attempt
+
+
+class SecAggSurvivors(Message):
+    """U3: the clients whose masked input arrived."""
+
+    attempt: int
+    survivors: list[int]
+
+
+class SecAggUnmask(Message):
+    """Round 3: shares of b_v for surviving v, of s_v's key for dropped v."""
+
+    agent_id: AgentId
+    attempt: Attempt
+    b_shares: dict[ClientKey, B64] = Field(max_length=100_000)
+    sk_shares: dict[ClientKey, B64] = Field(max_length=100_000)
+
+
+class SecAggAccepted(Message):
+    """A secure-aggregation message was taken."""
+
+    accepted: bool = True
+    attempt: int
 
 
 M = TypeVar("M", bound=Message)
