@@ -7,7 +7,12 @@ import json
 import pytest
 
 from fedloop.errors import ProtocolError
-from fedloop.protocol.messages import RegisterRequest, UploadRequest, parse_message
+from fedloop.protocol.messages import (
+    RegisterRequest,
+    RegisterResponse,
+    UploadRequest,
+    parse_message,
+)
 
 
 def test_valid_message_parses() -> None:
@@ -56,3 +61,15 @@ def test_bad_upload_fields(fields: dict[str, object]) -> None:
     with pytest.raises(ProtocolError) as info:
         parse_message(UploadRequest, json.dumps(data).replace("NaN", "NaN"))
     assert info.value.code in {"invalid_message", "bad_json"}
+
+
+def test_replies_tolerate_fields_newer_aggregators_add() -> None:
+    # An agent of this version reading a reply from a later aggregator (same protocol version)
+    # that carries a field it does not know: taken, the field dropped. Requests stay strict.
+    raw = json.dumps({"protocol": 1, "agent_id": "a1", "round": 2, "global_round": 1,
+                      "finished": False, "a_field_from_the_future": True})  # fmt: skip
+    reply = parse_message(RegisterResponse, raw)
+    assert reply.agent_id == "a1" and not hasattr(reply, "a_field_from_the_future")
+    with pytest.raises(ProtocolError) as refused:
+        parse_message(RegisterRequest, json.dumps({"protocol": 1, "agent_name": "a", "later": 1}))
+    assert refused.value.code == "invalid_message"

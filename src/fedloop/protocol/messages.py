@@ -24,6 +24,16 @@ class Message(BaseModel):
     protocol: int = PROTOCOL_VERSION
 
 
+class Reply(Message):
+    """Base of what the aggregator sends agents: fields an older agent does not know are ignored.
+
+    Requests stay strict (a misspelt field is an error the sender must see); replies may grow
+    new optional fields within protocol version 1 without breaking agents already deployed.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
 def _finite_metrics(value: dict[str, float]) -> dict[str, float]:
     if len(value) > 256:
         raise ValueError("at most 256 metrics per message")
@@ -39,7 +49,7 @@ class RegisterRequest(Message):
     agent_name: AgentName
 
 
-class RegisterResponse(Message):
+class RegisterResponse(Reply):
     """The aggregator's *welcome*: the agent's id and where the run stands.
 
     ``asynchronous``: the aggregator accepts local models trained on older global models
@@ -74,7 +84,7 @@ class UploadRequest(Message):
     _check_metrics = field_validator("metrics")(_finite_metrics)
 
 
-class UploadResponse(Message):
+class UploadResponse(Reply):
     """The aggregator accepted a local model for `round`.
 
     In synchronous mode `round` is the round the agent uploaded for; in asynchronous mode it is
@@ -88,7 +98,7 @@ class UploadResponse(Message):
     needed: int
 
 
-class GlobalModelInfo(Message):
+class GlobalModelInfo(Reply):
     """Sent with a global model: its round and the config for the next round of training."""
 
     round: int
@@ -96,7 +106,7 @@ class GlobalModelInfo(Message):
     finished: bool = False
 
 
-class PushMessage(Message):
+class PushMessage(Reply):
     """Announced on an agent's WebSocket when a new global model exists."""
 
     type: Literal["global_model"] = "global_model"
@@ -104,7 +114,7 @@ class PushMessage(Message):
     finished: bool = False
 
 
-class ErrorResponse(Message):
+class ErrorResponse(Reply):
     """Every 4xx/5xx body: a machine code and a sentence for the human."""
 
     error: str
@@ -130,7 +140,7 @@ class AgentStatus(BaseModel):
     connected: bool
 
 
-class StatusResponse(Message):
+class StatusResponse(Reply):
     """Where the run stands: round, progress toward aggregation, agents."""
 
     round: int
@@ -161,7 +171,7 @@ class SecAggAdvertise(Message):
     s_pk: B64
 
 
-class SecAggJoined(Message):
+class SecAggJoined(Reply):
     """The aggregator's answer to SecAggAdvertise: the attempt joined and the agent's client id."""
 
     attempt: int
@@ -176,7 +186,7 @@ class SecAggPublicKeys(BaseModel):
     s_pk: B64
 
 
-class SecAggKeyList(Message):
+class SecAggKeyList(Reply):
     """The closed key round: the cohort's keys and the parameters every client must use."""
 
     attempt: int
@@ -196,7 +206,7 @@ class SecAggShares(Message):
     ciphertexts: dict[ClientKey, B64] = Field(max_length=100_000)
 
 
-class SecAggRelayed(Message):
+class SecAggRelayed(Reply):
     """The ciphertexts addressed to one client, by sender id (U2 without the client)."""
 
     attempt: int
@@ -210,7 +220,7 @@ class SecAggMaskedInput(Message):
     attempt: Attempt
 
 
-class SecAggSurvivors(Message):
+class SecAggSurvivors(Reply):
     """U3: the clients whose masked input arrived."""
 
     attempt: int
@@ -226,7 +236,7 @@ class SecAggUnmask(Message):
     sk_shares: dict[ClientKey, B64] = Field(max_length=100_000)
 
 
-class SecAggAccepted(Message):
+class SecAggAccepted(Reply):
     """A secure-aggregation message was taken."""
 
     accepted: bool = True
