@@ -117,7 +117,8 @@ def main() -> None:
                     subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, env=env)
                 )
             first += count
-        while not httpx.get(f"{url}/v1/status", timeout=60).json()["finished"]:
+        poller = httpx.Client(timeout=60)  # one client: httpx.get makes a TLS context per call
+        while not poller.get(f"{url}/v1/status").json()["finished"]:
             if time.monotonic() - started > args.timeout:
                 raise SystemExit(f"timed out; logs in {root}")
             if any(w.poll() not in (None, 0) for w in workers):

@@ -16,15 +16,13 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from fedloop.demo import free_port, wait_until_up, write_config
+from fedloop.demo import LocalFederation, free_port, write_config
 from fedloop.store.db import Store, database_url
 
 
@@ -61,48 +59,34 @@ def main() -> None:
         min_agents=args.agents,
         log_level="warning",
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "fedloop"]
-    with open(root / "aggregator.log", "wb") as log:
-        server = subprocess.Popen(
-            [*cmd, "aggregator", "--config", str(config)], stdout=log, stderr=log, env=env
-        )
-    agents: list[subprocess.Popen[bytes]] = []
     started = time.monotonic()
-    try:
-        wait_until_up(url, server)
+    with LocalFederation(config, url, root) as federation:
+        server = federation.start_aggregator()
         for i in range(args.agents):
-            command = [
-                *cmd, "agent", "fedloop.ml.noop:NoopEngine", "--url", url, "--name", f"b{i}",
-                "--workdir", str(root / f"b{i}"), "--mode", args.mode,
-                "--set", f"model_mb={args.model_mb}",
-            ]  # fmt: skip
-            with open(root / f"b{i}.log", "wb") as log:
-                agents.append(subprocess.Popen(command, stdout=log, stderr=log, env=env))
+            federation.start_agent(
+                f"b{i}",
+                "fedloop.ml.noop:NoopEngine",
+                root / f"b{i}",
+                {"model_mb": args.model_mb},
+                extra=["--mode", args.mode],
+            )
         cpu_from: tuple[int, float] | None = None  # (global round, aggregator CPU s) then
         # One client for all polls: httpx.get builds a TLS context per call (≈ 10 ms of CPU),
         # which at 10 polls/s took CPU from the processes being measured.
-        poller = httpx.Client(timeout=30)
-        while not (status := poller.get(f"{url}/v1/status").json())["finished"]:
-            if time.monotonic() - started > 600:
-                raise SystemExit(f"timed out; logs in {root}")
-            if cpu_from is None and status["global_round"] >= 1:  # start-up left out
-                cpu_from = (status["global_round"], cpu_seconds(server.pid))
-            time.sleep(0.25)
+        with httpx.Client(timeout=30) as poller:
+            while not (status := poller.get(f"{url}/v1/status").json())["finished"]:
+                if time.monotonic() - started > 600:
+                    raise SystemExit(f"timed out; logs in {root}")
+                if cpu_from is None and status["global_round"] >= 1:  # start-up left out
+                    cpu_from = (status["global_round"], cpu_seconds(server.pid))
+                time.sleep(0.25)
         peak = peak_rss_mb(server.pid)
         cpu_per_round = float("nan")
         if cpu_from is not None and status["global_round"] > cpu_from[0]:
             cpu_per_round = (cpu_seconds(server.pid) - cpu_from[1]) / (
                 status["global_round"] - cpu_from[0]
             )
-        poller.close()
-        for agent in agents:
-            agent.wait(timeout=60)
-    finally:
-        for process in [*agents, server]:
-            if process.poll() is None:
-                process.terminate()
-                process.wait(timeout=10)
+        federation.wait_agents(time.monotonic() + 60)
     store = Store(database_url(root / "data", None))
     created = [g.created_at for g in store.global_models()]
     store.close()

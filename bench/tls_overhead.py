@@ -169,7 +169,7 @@ def run_mode(m: Mode, root: Path, certs: Path, args: argparse.Namespace) -> Resu
                     raise SystemExit(f"{m.name}: timed out; logs in {root}")
                 if server.poll() is not None:
                     raise SystemExit(f"{m.name}: the aggregator exited; logs in {root}")
-                time.sleep(0.05)
+                time.sleep(0.25)  # each poll costs the aggregator a request (a TLS one here)
         for agent in agents:
             if agent.wait(timeout=60) != 0:
                 raise SystemExit(f"{m.name}: an agent failed; logs in {root}")

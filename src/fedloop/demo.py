@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,13 +99,22 @@ class LocalFederation:
         return self.server
 
     def start_agent(
-        self, name: str, engine: str, workdir: Path, sets: dict[str, Any], give_up_after: float
+        self,
+        name: str,
+        engine: str,
+        workdir: Path,
+        sets: dict[str, Any],
+        give_up_after: float | None = None,
+        extra: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
-        """Start ``fedloop agent ENGINE`` named `name`, with ``--set key=<json value>`` each."""
+        """Start ``fedloop agent ENGINE`` named `name`, with ``--set key=<json value>`` each
+        and the `extra` arguments (``--mode poll``, ``--ca-file F``, …)."""
         args = ["agent", engine, "--url", self.url, "--name", name, "--workdir", str(workdir)]
-        args += ["--give-up-after", f"{give_up_after:g}"]
+        if give_up_after is not None:
+            args += ["--give-up-after", f"{give_up_after:g}"]
         for key, value in sets.items():
             args += ["--set", f"{key}={json.dumps(value)}"]
+        args += extra
         agent = self._spawn(name, args)
         self.agents.append(agent)
         return agent
