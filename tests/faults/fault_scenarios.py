@@ -304,6 +304,9 @@ def agent_killed_mid_upload(root: Path, size_mb: float = 32, rate_mb: float = 24
         assert victim.state()["phase"] == "sending", victim.state()
         victim.kill()
         before = snapshot(server.data_dir)
+        # The aggregator sees the body end early: one log line, no traceback, nothing stored.
+        wait_until(lambda: "disconnected mid-request" in server.log(), 30, "the disconnect")
+        assert "Traceback" not in server.log(), server.log()[-3000:]
         status = server.wait_for(lambda s: s["uploads"] == 2, 30)
         assert status["round"] == 1, status
         proxy.throttle()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
@@ -289,6 +289,15 @@ def create_app(config: AggregatorConfig, aggregator: Aggregator | None = None) -
         refusal(request, exc)
         return _error(exc.status, exc.code, str(exc), _challenge(exc))
 
+    async def client_gone(request: Request, exc: Exception) -> Response:
+        # The sender went away mid-body (killed, network cut): nothing was stored, as nothing is
+        # before a body is complete; one line instead of a traceback. No one reads the answer.
+        agg.rejected_by_reason["client_disconnected"] = (
+            agg.rejected_by_reason.get("client_disconnected", 0) + 1
+        )
+        log.info("%s %s: the client disconnected mid-request", request.method, request.url.path)
+        return Response(status_code=400)
+
     scrape = metrics.route(agg)
 
     async def admin_metrics(request: Request) -> Response:
@@ -320,7 +329,7 @@ def create_app(config: AggregatorConfig, aggregator: Aggregator | None = None) -
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={ProtocolError: protocol_error},
+        exception_handlers={ProtocolError: protocol_error, ClientDisconnect: client_gone},
     )
     app.state.aggregator = agg
     return app
