@@ -229,6 +229,33 @@ def test_processes_starting_on_one_new_database_at_once_all_come_up(url: str) ->
     store.close()
 
 
+def test_writers_in_several_processes_wait_for_each_other(url: str) -> None:
+    # `fedloop token create` next to a running aggregator: processes writing one database.
+    # A write that reads first (merge: SELECT, then INSERT or UPDATE) is one transaction that
+    # holds the write lock from its start: the processes take turns on the same new keys
+    # instead of both inserting one (IntegrityError) or failing "database is locked".
+    Store(url).close()
+    code = (
+        "import sys; from fedloop.store.db import Store\n"
+        "store = Store(sys.argv[1])\n"
+        "for i in range(150): store.set_meta(f'k{i}', sys.argv[2])\n"
+        "store.close()\n"
+    )
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, url, f"w{i}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(3)
+    ]
+    outputs = [p.communicate(timeout=120)[0].decode(errors="replace") for p in processes]
+    assert [p.returncode for p in processes] == [0] * 3, "\n".join(outputs)
+    store = Store(url)
+    assert all(store.get_meta(f"k{i}") in ("w0", "w1", "w2") for i in range(150))
+    store.close()
+
+
 def test_schema_from_a_newer_fedloop_is_refused_with_a_clear_error(url: str) -> None:
     Store(url).close()
     _sql(url, "UPDATE alembic_version SET version_num = 'f00d'")

@@ -30,6 +30,8 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -173,6 +175,26 @@ def _sqlite_pragmas(engine: Engine) -> None:
         cursor.close()
 
 
+def _sqlite_explicit_begin(engine: Engine) -> None:
+    """Let each transaction say how it BEGINs: ``IMMEDIATE`` for the store's writes.
+
+    pysqlite's own BEGIN is DEFERRED: a write transaction that reads first holds a read
+    snapshot and, when another process committed meanwhile, its upgrade to the write lock fails
+    at once with "database is locked" — SQLite does not wait (busy_timeout) there, as waiting
+    could deadlock. ``BEGIN IMMEDIATE`` takes the write lock first and waits for it instead.
+    Reads keep a plain (deferred) BEGIN and never block writers (WAL).
+    """
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+
 def alembic_config(url: str | None = None) -> Config:
     """Return an Alembic config for fedloop's migrations (no alembic.ini needed).
 
@@ -274,8 +296,10 @@ class Store:
                 f"the driver for {_shown(url)} is not installed ({exc.name}); "
                 "for PostgreSQL run: pip install 'fedloop[postgres]'"
             ) from exc
-        if self.engine.dialect.name == "sqlite":
+        self._sqlite = self.engine.dialect.name == "sqlite"
+        if self._sqlite:
             _sqlite_pragmas(self.engine)
+            _sqlite_explicit_begin(self.engine)
         try:
             migrate(self.engine)
         except OperationalError as exc:
@@ -304,6 +328,8 @@ class Store:
     @contextmanager
     def _tx(self) -> Iterator[Session]:
         with self._sessions() as session, session.begin():
+            if self._sqlite:  # take the write lock first (see _sqlite_explicit_begin)
+                session.connection(execution_options={"sqlite_begin": "IMMEDIATE"})
             yield session
 
     # --- meta ---------------------------------------------------------------------------
@@ -314,7 +340,18 @@ class Store:
 
     def set_meta(self, key: str, value: Any) -> None:
         with self._tx() as session:
-            session.merge(MetaRow(key=key, value=value))
+            self._put_meta(session, key, value)
+
+    def _put_meta(self, session: Session, key: str, value: Any) -> None:
+        """INSERT … ON CONFLICT DO UPDATE: one statement, so two processes that set one new key
+        at once cannot both insert it (a read-then-write `merge` could, on PostgreSQL)."""
+        insert = sqlite_insert if self._sqlite else postgresql_insert
+        statement = insert(MetaRow).values(key=key, value=value)
+        session.execute(
+            statement.on_conflict_do_update(
+                index_elements=[MetaRow.key], set_={"value": statement.excluded.value}
+            )
+        )
 
     # --- agents -------------------------------------------------------------------------
     def agent_by_name(self, name: str) -> AgentRow | None:
@@ -391,7 +428,7 @@ class Store:
         transaction, so a crash leaves either a fresh store or a bootstrapped one."""
         with self._tx() as session:
             for key, value in meta.items():
-                session.merge(MetaRow(key=key, value=value))
+                self._put_meta(session, key, value)
             session.add(agent)
             session.add(initial)
             session.add(RoundRow(number=1, started_at=now))
