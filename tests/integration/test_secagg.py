@@ -149,6 +149,29 @@ def test_plain_upload_refused(make_server: object, agents: list[subprocess.Popen
         store.close()
 
 
+def test_agents_that_upload_in_the_clear_stop_with_a_clear_error(make_server: object) -> None:
+    # AsyncAgent and the imperative Client do not speak secure aggregation: told so at
+    # registration, they stop with a sentence instead of being refused every round.
+    import asyncio
+
+    from fedloop.agent.aio import AsyncAgent
+    from fedloop.agent.imperative import Client
+    from fedloop.errors import FedloopError
+
+    server = secagg_server(make_server, rounds=1)
+    weights = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
+    with pytest.raises(FedloopError, match="does not speak"):
+        Client(server.url, "imperative").send_initial_model(weights)
+
+    class Same:
+        def train(self, w: Any, config: Any) -> Any:
+            return w, 1, {}
+
+    agent = AsyncAgent(Same(), server.url, "aio", initial_weights=weights, give_up_after=10)
+    with pytest.raises(FedloopError, match="AsyncAgent does not speak"):
+        asyncio.run(agent.run())
+
+
 def test_agent_dies_after_sharing_keys(
     make_server: object, agents: list[subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import httpx
 import numpy as np
 
-from fedloop.agent.client import ModelBody, body_parts, body_size
+from fedloop.agent.client import NO_SECAGG, ModelBody, body_parts, body_size
 from fedloop.errors import ConnectionFailed, FedloopError
 from fedloop.protocol import codec
 from fedloop.protocol.messages import (
@@ -281,6 +281,8 @@ class AsyncAgent:
                 self.token = credential
                 http.headers.update(self._auth())
             self.asynchronous = reply.asynchronous
+            if reply.secure_aggregation:
+                raise FedloopError(NO_SECAGG.format(agent="AsyncAgent"))
             result = AsyncAgentResult(agent_id=reply.agent_id)
             listener = (
                 asyncio.create_task(self._listen(reply.agent_id)) if self.mode == "push" else None

@@ -82,6 +82,13 @@ def _read_into_buffer(response: httpx.Response) -> bytearray | bytes:
     return body
 
 
+# What agents that upload in the clear say when the aggregator runs secure aggregation.
+NO_SECAGG = (
+    "the aggregator runs secure aggregation ([secagg] enabled), which {agent} does not speak: "
+    "its uploads would be refused; use `fedloop agent` (fedloop.agent.runner.Agent)"
+)
+
+
 class Refused(ProtocolError):
     """The aggregator answered with a 4xx error; `code` says which."""
 

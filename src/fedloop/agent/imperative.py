@@ -13,7 +13,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedloop.agent.client import AggregatorClient, Refused, retry
+from fedloop.agent.client import NO_SECAGG, AggregatorClient, Refused, retry
+from fedloop.errors import FedloopError
 from fedloop.protocol import codec
 from fedloop.types import Weights
 
@@ -45,6 +46,8 @@ class Client:
         reply = retry(lambda: self.client.register(self.name, weights))
         if reply.credential:
             self.credential = self.client.token = reply.credential
+        if reply.secure_aggregation:
+            raise FedloopError(NO_SECAGG.format(agent="fedloop.agent.imperative.Client"))
         self.agent_id = reply.agent_id
         return reply.agent_id
 
