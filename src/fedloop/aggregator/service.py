@@ -54,6 +54,7 @@ from fedloop.store.db import (
 from fedloop.strategies import RunningMean, Strategy, Update
 from fedloop.strategies import load as load_strategy
 from fedloop.strategies.dp import privacy_metrics
+from fedloop.strategies.fedavg import returns_mean
 from fedloop.types import Weights
 
 log = logging.getLogger("fedloop.aggregator")
@@ -771,8 +772,6 @@ class Aggregator:
         assert self.global_model is not None and self.spec is not None
         started = time.perf_counter()
         updates = [self.pending[k] for k in sorted(self.pending)]
-        from fedloop.strategies.fedavg import returns_mean
-
         # FedAvg returns the running mean itself: let it come out in the model's dtypes,
         # divided and cast in one pass, instead of a float64 copy cast back afterwards.
         like = self.global_model.weights if returns_mean(self.strategy) else None
