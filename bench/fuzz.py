@@ -24,8 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# tests/procs.py (the aggregator-process harness the HTTP fuzz target starts) and tests/fuzz.
+# tests/procs.py and tests/integration (the aggregator the HTTP fuzz target starts), tests/fuzz.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fuzz"))
 
 import fuzzgen

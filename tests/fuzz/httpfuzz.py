@@ -7,14 +7,11 @@ aggregator process stays up.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sqlite3
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
@@ -26,6 +23,7 @@ from fuzzgen import (
     message_raw,
     model_bytes,
 )
+from harness import Server  # the integration tests' aggregator process
 from hypothesis import strategies as st
 
 from fedloop.agent.client import AggregatorClient
@@ -34,7 +32,6 @@ from fedloop.protocol.version import MESSAGE_HEADER
 
 TABLES = ("agents", "rounds", "local_models", "global_models", "evaluations")
 STATE_KEYS = ("round", "global_round", "registered_agents", "uploads", "finished")
-INTEGRATION = Path(__file__).resolve().parents[1] / "integration"
 ROUTES = ("register", "updates", "evaluations", "latest", "global", "get", "wrong_method")
 
 
@@ -237,21 +234,6 @@ class ApiFuzzer:
             self.settled()
 
 
-def _load(name: str, path: Path) -> ModuleType:
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-# The integration tests' `Server`, under its own module name (as tests/postgres loads it).
-integration = _load("integration_conftest", INTEGRATION / "conftest.py")
-
-
 @dataclass
 class Api:
     """A running aggregator and the id of the agent that fixed its model."""
@@ -270,7 +252,7 @@ class Api:
 
 def start_api(root: Path) -> Api:
     """Start an aggregator in `root` and register one agent with the reference model."""
-    server = integration.Server(root, {"min_agents": 2, "max_model_bytes": 4096}).start()
+    server = Server(root, {"min_agents": 2, "max_model_bytes": 4096}).start()
     client = AggregatorClient(server.url)
     try:
         agent_id = client.register("site-a", REFERENCE).agent_id

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 from checks import assert_globals_are_weighted_means
-from conftest import Server, env, start_agent
+from harness import Server, env, start_agent
 
 from fedloop.agent.client import AggregatorClient, Refused
 from fedloop.protocol import codec

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import env
+from harness import env
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

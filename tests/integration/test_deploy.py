@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import env
+from harness import env
 
 from fedloop.agent.client import tls_context
 from fedloop.demo import free_port, wait_until_up

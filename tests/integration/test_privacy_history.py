@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Server, env, start_agent
+from harness import Server, env, start_agent
 
 from fedloop.privacy import dp_epsilon
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 from checks import assert_globals_are_weighted_means
-from conftest import Server, start_agent
+from harness import Server, start_agent
 
 from fedloop.agent.client import AggregatorClient
 from fedloop.protocol import codec

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 from checks import assert_globals_are_weighted_means
-from conftest import Server, start_agent
+from harness import Server, start_agent
 
 
 @pytest.mark.parametrize("mode", ["push", "poll"])

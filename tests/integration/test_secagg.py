@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import Server, start_agent
+from harness import Server, start_agent
 
 from fedloop.protocol import codec
 from fedloop.protocol.messages import UploadRequest

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Server, start_agent
+from harness import Server, start_agent
 
 from fedloop.agent.client import AggregatorClient, Refused
 from fedloop.protocol import codec

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 from checks import assert_globals_are_weighted_means
-from conftest import Server, env, start_agent
+from harness import Server, env, start_agent
 
 from fedloop.agent.client import tls_context
 

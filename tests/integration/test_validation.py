@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import Server
+from harness import Server
 
 from fedloop.agent.client import AggregatorClient, Refused
 from fedloop.protocol import codec

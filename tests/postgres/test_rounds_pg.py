@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from integration_checks import assert_globals_are_weighted_means
-from integration_conftest import Server, start_agent
+from checks import assert_globals_are_weighted_means
+from harness import Server, start_agent
 
 from fedloop.protocol import codec
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import httpx
 import numpy as np
 
-from fedloop.agent.client import NO_SECAGG, ModelBody, body_parts, body_size
+from fedloop.agent.client import NO_SECAGG, BodyBuffer, ModelBody, body_size, chunks
 from fedloop.errors import ConnectionFailed, FedloopError
 from fedloop.protocol import codec
 from fedloop.protocol.messages import (
@@ -45,7 +45,6 @@ from fedloop.types import Weights
 
 log = logging.getLogger("fedloop.agent")
 
-_CHUNK = 1024 * 1024
 # Refusals after which a trained model is dropped: a newer global model overtook it.
 _OVERTAKEN = {"round_closed", "round_not_open", "duplicate_upload", "run_finished"}
 
@@ -59,10 +58,8 @@ class AsyncRefused(FedloopError):
 
 
 async def _slices(data: ModelBody) -> AsyncIterator[memoryview]:
-    for part in body_parts(data):
-        view = memoryview(part).cast("B")
-        for start in range(0, len(view), _CHUNK):
-            yield view[start : start + _CHUNK]
+    for view in chunks(data):  # httpx's async client needs an async iterable
+        yield view
 
 
 @dataclass
@@ -387,22 +384,13 @@ class AsyncAgent:
 
 async def _read_into_buffer(response: httpx.Response) -> bytes | bytearray:
     """Return a streamed response's body, in one preallocated buffer when its size is known."""
-    declared = response.headers.get("content-length")
-    if declared is None or response.headers.get("content-encoding"):
+    size = BodyBuffer.announced(response)
+    if size is None:
         return await response.aread()
-    size = int(declared)
-    body = bytearray(size)
-    view, filled = memoryview(body), 0
+    buffer = BodyBuffer(size)
     async for chunk in response.aiter_raw():
-        end = filled + len(chunk)
-        if end > size:
-            raise FedloopError("the global model is longer than its Content-Length")
-        view[filled:end] = chunk
-        filled = end
-    view.release()
-    if filled != size:
-        raise FedloopError("the global model is shorter than its Content-Length")
-    return body
+        buffer.add(chunk)
+    return buffer.done()
 
 
 async def run_agents(agents: list[AsyncAgent]) -> list[AsyncAgentResult]:

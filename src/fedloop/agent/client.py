@@ -51,7 +51,7 @@ def body_size(data: ModelBody) -> int:
     return sum(memoryview(part).nbytes for part in body_parts(data))
 
 
-def _chunks(data: ModelBody) -> Iterator[memoryview]:
+def chunks(data: ModelBody) -> Iterator[memoryview]:
     """Yield `data` in views of at most 1 MiB: httpx streams them without another copy of the
     model (h11 joins each chunk with its framing: a whole model as one chunk would be copied)."""
     for part in body_parts(data):
@@ -60,26 +60,50 @@ def _chunks(data: ModelBody) -> Iterator[memoryview]:
             yield view[start : start + _CHUNK]
 
 
+class BodyBuffer:
+    """A response body of announced size, filled chunk by chunk into one preallocated buffer.
+
+    `response.content` would hold httpx's chunks and their join: two copies of a model at once.
+    A body longer or shorter than announced is a connection problem (ConnectionFailed: retried).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.body = bytearray(size)
+        self.view = memoryview(self.body)
+        self.filled = 0
+
+    @staticmethod
+    def announced(response: httpx.Response) -> int | None:
+        """Return the body's size if the response announces it (and is not compressed)."""
+        declared = response.headers.get("content-length")
+        if declared is None or response.headers.get("content-encoding"):
+            return None
+        return int(declared)
+
+    def add(self, chunk: bytes) -> None:
+        end = self.filled + len(chunk)
+        if end > len(self.body):
+            self.view.release()
+            raise ConnectionFailed("the model body is longer than its Content-Length")
+        self.view[self.filled : end] = chunk
+        self.filled = end
+
+    def done(self) -> bytearray:
+        self.view.release()
+        if self.filled != len(self.body):
+            raise ConnectionFailed("the model body is shorter than its Content-Length")
+        return self.body
+
+
 def _read_into_buffer(response: httpx.Response) -> bytearray | bytes:
     """Return a streamed response's body, in one preallocated buffer when its size is known."""
-    declared = response.headers.get("content-length")
-    if declared is None or response.headers.get("content-encoding"):
+    size = BodyBuffer.announced(response)
+    if size is None:
         return response.read()
-    size = int(declared)
-    body = bytearray(size)
-    view, filled = memoryview(body), 0
-    try:
-        for chunk in response.iter_raw():
-            end = filled + len(chunk)
-            if end > size:
-                raise ConnectionFailed("the model body is longer than its Content-Length")
-            view[filled:end] = chunk
-            filled = end
-    finally:
-        view.release()
-    if filled != size:
-        raise ConnectionFailed("the model body is shorter than its Content-Length")
-    return body
+    buffer = BodyBuffer(size)
+    for chunk in response.iter_raw():
+        buffer.add(chunk)
+    return buffer.done()
 
 
 # What agents that upload in the clear say when the aggregator runs secure aggregation.
@@ -138,12 +162,15 @@ class AggregatorClient:
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise ConnectionFailed(
-                f"cannot reach the aggregator at {self.url} ({type(exc).__name__}: {exc}); "
-                "check that it is running and that the address is right"
-            ) from exc
+            raise self._unreachable(exc) from exc
         self._check(response)
         return response
+
+    def _unreachable(self, exc: Exception) -> ConnectionFailed:
+        return ConnectionFailed(
+            f"cannot reach the aggregator at {self.url} ({type(exc).__name__}: {exc}); "
+            "check that it is running and that the address is right"
+        )
 
     def _check(self, response: httpx.Response) -> None:
         """Raise ConnectionFailed for a 5xx answer, Refused for a 4xx one (read responses only)."""
@@ -181,10 +208,7 @@ class AggregatorClient:
                     self._check(response)
                 return response.headers, _read_into_buffer(response)
         except httpx.TransportError as exc:  # also a connection lost mid-body
-            raise ConnectionFailed(
-                f"cannot reach the aggregator at {self.url} ({type(exc).__name__}: {exc}); "
-                "check that it is running and that the address is right"
-            ) from exc
+            raise self._unreachable(exc) from exc
 
     def register(
         self, name: str, weights: Mapping[str, np.ndarray] | None = None
@@ -195,7 +219,7 @@ class AggregatorClient:
         response = self._send(
             "POST",
             "/v1/register",
-            content=_chunks(body),
+            content=chunks(body),
             headers={
                 MESSAGE_HEADER: message.model_dump_json(),
                 "content-length": str(body_size(body)),
@@ -220,7 +244,7 @@ class AggregatorClient:
         response = self._send(
             "POST",
             "/v1/updates",
-            content=_chunks(data),
+            content=chunks(data),
             headers={
                 MESSAGE_HEADER: message.model_dump_json(),
                 "content-length": str(body_size(data)),
@@ -278,7 +302,7 @@ class AggregatorClient:
         response = self._send(
             "POST",
             f"/v1/secagg/{round_number}/masked",
-            content=_chunks(data),
+            content=chunks(data),
             headers={MESSAGE_HEADER: message.model_dump_json(), "content-length": str(len(data))},
         )
         reply: dict[str, Any] = response.json()
