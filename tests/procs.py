@@ -12,10 +12,10 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -121,3 +121,22 @@ class AggregatorProcess:
     def log(self) -> str:
         path = self.root / "aggregator.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+P = TypeVar("P", bound=AggregatorProcess)
+
+
+def started_servers(kind: type[P], root: Path) -> Iterator[Callable[..., P]]:
+    """A `make_server` fixture's body: yield `make(**settings)`, which starts an aggregator of
+    `kind` in `root`; every one started is stopped afterwards."""
+    servers: list[P] = []
+
+    def make(**settings: Any) -> P:
+        server = kind(root, settings)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()

@@ -13,10 +13,9 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-from procs import AggregatorProcess, process_env
+from procs import AggregatorProcess, process_env, started_servers
 
 HERE = Path(__file__).parent
 
@@ -64,16 +63,7 @@ def start_agent(
 
 @pytest.fixture
 def make_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    servers: list[Server] = []
-
-    def make(**settings: Any) -> Server:
-        server = Server(tmp_path, settings)
-        servers.append(server)
-        return server.start()
-
-    yield make
-    for server in servers:
-        server.stop()
+    yield from started_servers(Server, tmp_path)
 
 
 @pytest.fixture

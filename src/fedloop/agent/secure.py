@@ -11,9 +11,10 @@ without it, the local model is dropped like an overtaken upload.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -82,6 +83,17 @@ def _drop_here(point: str) -> None:
 
 class _Restart(Exception):
     """The aggregator started the round's secure aggregation over."""
+
+
+@contextlib.contextmanager
+def _restart_on_refusal() -> Iterator[None]:
+    """Turn the aggregator's 409 secagg_restart (attempt abandoned) into `_Restart`."""
+    try:
+        yield
+    except Refused as exc:
+        if exc.code == "secagg_restart":
+            raise _Restart from exc
+        raise
 
 
 def _decode(data: Any) -> dict[str, np.ndarray]:
@@ -154,26 +166,18 @@ def _one_attempt(agent: Agent, round_number: int, vector: NDArray[np.float64]) -
         while True:
             if agent.stop_event.is_set():
                 raise SecAggError("the agent is stopping")
-            try:
+            with _restart_on_refusal():
                 reply = agent._call(
                     lambda: client.secagg_poll(
                         round_number, step, agent_id, attempt, agent.poll_wait
                     )
                 )
-            except Refused as exc:
-                if exc.code == "secagg_restart":
-                    raise _Restart from exc
-                raise
             if reply is not None:
                 return reply
 
     def post(step: str, message: Any) -> None:
-        try:
+        with _restart_on_refusal():
             agent._call(lambda: client.secagg_post(round_number, step, message))
-        except Refused as exc:
-            if exc.code == "secagg_restart":
-                raise _Restart from exc
-            raise
 
     keys = SecAggKeyList.model_validate(poll("keys"))
     if keys.dimension != vector.size:
@@ -203,12 +207,8 @@ def _one_attempt(agent: Agent, round_number: int, vector: NDArray[np.float64]) -
     )
     body = np.asarray(masked.masked).astype(masked.masked.dtype.newbyteorder("<")).tobytes()
     header = SecAggMaskedInput(agent_id=agent_id, attempt=attempt)
-    try:
+    with _restart_on_refusal():
         agent._call(lambda: client.secagg_masked(round_number, header, body))
-    except Refused as exc:
-        if exc.code == "secagg_restart":
-            raise _Restart from exc
-        raise
     survivors = SecAggSurvivors.model_validate(poll("masked"))
     reveal = secagg.unmask(survivors.survivors)
     post(
