@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from harness import Server, start_agent
 
+from fedloop.agent.client import AggregatorClient
 from fedloop.protocol import codec
 from fedloop.protocol.messages import UploadRequest
 from fedloop.protocol.version import MESSAGE_HEADER
@@ -119,16 +120,7 @@ def test_four_agents_two_secure_rounds(
 def test_plain_upload_refused(make_server: object, agents: list[subprocess.Popen[bytes]]) -> None:
     server = secagg_server(make_server, rounds=1)
     weights = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
-    from fedloop.protocol.messages import RegisterRequest, RegisterResponse
-
-    reply = httpx.post(
-        server.url + "/v1/register",
-        content=codec.encode(weights),
-        headers={MESSAGE_HEADER: RegisterRequest(agent_name="plain").model_dump_json()},
-        timeout=30,
-    )
-    assert reply.status_code == 200, reply.text
-    registered = RegisterResponse.model_validate(reply.json())
+    registered = AggregatorClient(server.url).register("plain", weights)
     assert registered.secure_aggregation
     upload = httpx.post(
         server.url + "/v1/updates",
@@ -238,17 +230,9 @@ def test_aggregator_restart_in_the_key_phase(
 def test_bad_secagg_requests_are_refused_with_4xx(
     make_server: object, agents: list[subprocess.Popen[bytes]]
 ) -> None:
-    from fedloop.protocol.messages import RegisterRequest
-
     server = secagg_server(make_server, rounds=1)
     weights = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
-    reply = httpx.post(
-        server.url + "/v1/register",
-        content=codec.encode(weights),
-        headers={MESSAGE_HEADER: RegisterRequest(agent_name="probe").model_dump_json()},
-        timeout=30,
-    )
-    agent_id = reply.json()["agent_id"]
+    agent_id = AggregatorClient(server.url).register("probe", weights).agent_id
     key = "A" * 43 + "="  # 32 bytes of base64
     base = server.url + "/v1/secagg"
 
