@@ -18,7 +18,7 @@ from fedloop.agent.aio import AsyncAgent, run_agents
 from fedloop.demo import free_port, wait_until_up, write_config
 from fedloop.ml.noop import NoopEngine
 from fedloop.protocol import codec
-from fedloop.sim.core import EngineSpec
+from fedloop.sim.core import EngineSpec, ModelBytes
 from fedloop.sim.local import FILE_BYTES, LocalBackend
 from fedloop.store.blobs import BlobStore, HashedBody
 from fedloop.store.db import Store, database_url
@@ -132,7 +132,7 @@ def test_local_backend_returns_large_local_models_as_files(tmp_path: Path) -> No
         try:
             initial = await backend.initial_model()
             assert initial is not None
-            results = [r async for r in backend.train(1, initial, {}, [0, 1])]
+            results = [r async for r in backend.train(1, ModelBytes.of(initial), {}, [0, 1])]
             for result in results:
                 assert result.path is not None and result.data == b""
                 path = Path(result.path)

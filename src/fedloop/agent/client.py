@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import ssl
 import threading
 import time
@@ -43,7 +44,7 @@ ModelBody = codec.Bytes | Sequence[codec.Bytes]
 
 def body_parts(data: ModelBody) -> Sequence[codec.Bytes]:
     """Return a model body as a sequence of buffers."""
-    return [data] if isinstance(data, bytes | bytearray | memoryview) else data
+    return [data] if isinstance(data, bytes | bytearray | memoryview | mmap.mmap) else data
 
 
 def body_size(data: ModelBody) -> int:

@@ -75,6 +75,8 @@ class GlobalModel:
     weights: Weights
     parts: tuple[bytes | memoryview, ...]
     metrics: dict[str, float] = field(default_factory=dict)
+    # Its blob's id once stored: same-machine readers (simulation workers) map that file.
+    model_id: str | None = None
 
     @classmethod
     def of(cls, round: int, weights: Weights, metrics: dict[str, float]) -> GlobalModel:
@@ -190,7 +192,7 @@ class Aggregator:
             data = self.blobs.get(latest.model_id)
             # The stored bytes as they are (one piece), the weights as views into them.
             self.global_model = GlobalModel(
-                latest.round, codec.decode(data), (data,), dict(latest.metrics)
+                latest.round, codec.decode(data), (data,), dict(latest.metrics), latest.model_id
             )
             if latest.state_id:
                 self.strategy.load_state(codec.decode(self.blobs.get(latest.state_id)))
@@ -523,7 +525,7 @@ class Aggregator:
         metrics = self._evaluate(initial)
         if metrics:
             self.store.set_global_metrics(0, metrics)
-        model.metrics = metrics
+        model.metrics, model.model_id = metrics, model_id
         self.global_model = model
         self.round, self.round_started = 1, now
 
@@ -599,7 +601,7 @@ class Aggregator:
             )
         self.pending[update.agent_id] = update
 
-    def _check_and_store(self, body: bytes | bytearray) -> tuple[Weights, str]:
+    def _check_and_store(self, body: codec.Bytes) -> tuple[Weights, str]:
         """Validate a local model and write its blob (outside the lock: uploads overlap)."""
         assert self.spec is not None
         weights = codec.decode_checked(body, self.spec)
@@ -608,7 +610,7 @@ class Aggregator:
         digest: str | None = getattr(body, "digest", None)
         return weights, self.blobs.put(body, key=digest)
 
-    async def upload(self, request: UploadRequest, body: bytes | bytearray) -> UploadResponse:
+    async def upload(self, request: UploadRequest, body: codec.Bytes) -> UploadResponse:
         """Accept a local model for the current round, or refuse it with the reason."""
         self.known_agent(request.agent_id)
         if self.secure is not None:
@@ -824,7 +826,7 @@ class Aggregator:
             elapsed,
             f"; {metrics}" if metrics else "",
         )
-        model.metrics = metrics
+        model.metrics, model.model_id = metrics, model_id
         self.global_model = model
         self.finished = finished
         self.pending = {}

@@ -10,6 +10,7 @@ is uploaded as safetensors bytes, exactly as an agent would send it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import logging
 import math
@@ -31,6 +32,7 @@ from fedloop.config import AggregatorConfig, EvaluateConfig, StrategyConfig
 from fedloop.errors import ConfigError, FedloopError, ProtocolError
 from fedloop.protocol import codec
 from fedloop.protocol.messages import RegisterRequest, UploadRequest
+from fedloop.store.blobs import MappedBody, map_file
 from fedloop.types import Weights
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "AgentResult",
     "Backend",
     "EngineSpec",
+    "ModelBytes",
     "Observer",
     "RoundSummary",
     "SimResult",
@@ -55,6 +58,8 @@ log = logging.getLogger("fedloop.sim")
 
 # A worker's chunk of agents returns its local models together; keep such a chunk this small.
 CHUNK_BYTES = 64 * 1024 * 1024
+# Local models at least this large go back to the driver as files, not through the pipe.
+FILE_BYTES = 1024 * 1024
 
 
 class AgentFailed(FedloopError):
@@ -161,7 +166,7 @@ class AgentResult:
 
     A worker process may leave the bytes in a file instead (``path``, ``data`` empty, with
     their sha256 in ``digest``), so 100s of MB do not travel pickled through a pipe;
-    `body()` returns them either way.
+    `body()` returns them either way (the file memory-mapped: no copy).
     """
 
     index: int
@@ -173,26 +178,13 @@ class AgentResult:
     path: str | None = None
     digest: str | None = None
 
-    def body(self) -> bytes | bytearray:
-        """Return the local model's bytes, reading (and deleting) the worker's file if any."""
+    def body(self) -> bytes | MappedBody:
+        """Return the local model's bytes: the worker's file mapped (no copy), then unlinked."""
         if self.path is None:
             return self.data
-        from fedloop.store.blobs import HashedBody
-
         path = Path(self.path)
-        with path.open("rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            body = HashedBody(size)
-            view = memoryview(body)
-            filled = 0
-            while filled < size:
-                got = handle.readinto(view[filled:])
-                if not got:
-                    raise FedloopError(f"{path} ended after {filled} of {size} bytes")
-                filled += got
-            view.release()
-        path.unlink(missing_ok=True)
-        body.digest = self.digest
+        body = map_file(path, self.digest)
+        path.unlink(missing_ok=True)  # the map keeps the pages until its last view is gone
         self.path = None
         return body
 
@@ -205,26 +197,56 @@ def _failed(index: int, where: str, exc: BaseException) -> AgentFailed:
 
 
 def train_agent(
-    spec: EngineSpec, index: int, weights: Weights, config: Mapping[str, Any]
+    spec: EngineSpec,
+    index: int,
+    weights: Weights,
+    config: Mapping[str, Any],
+    to_dir: Path | None = None,
 ) -> AgentResult:
     """Build agent ``index``'s engine, train it on ``weights``, encode the result, drop the engine.
 
     Nothing of the agent outlives the call, so memory does not grow with the number of agents.
+    With ``to_dir``, a local model of `FILE_BYTES` or more is written there (hashed on the way,
+    one copy) instead of being returned as bytes.
     """
     started = time.perf_counter()
     engine = build_engine(spec, index)
+    path = digest = None
     try:
         new, num_samples, metrics = engine.train(weights, dict(config))
-        data = codec.encode(new)
+        parts = codec.encode_parts(new)
+        if to_dir is not None and sum(len(p) for p in parts) >= FILE_BYTES:
+            path, digest = _write_parts(to_dir, index, parts)
+            data = b""
+        else:
+            data = b"".join(parts)
         values = {str(k): float(v) for k, v in dict(metrics).items()}
     except FedloopError:
         raise
     except Exception as exc:
         raise _failed(index, "train()", exc) from None
-    del engine, new
+    del engine, new, parts
     return AgentResult(
-        index, data, int(num_samples), values, time.perf_counter() - started, peak_rss_mb()
+        index,
+        data,
+        int(num_samples),
+        values,
+        time.perf_counter() - started,
+        peak_rss_mb(),
+        path=path,
+        digest=digest,
     )
+
+
+def _write_parts(directory: Path, index: int, parts: Sequence[Any]) -> tuple[str, str]:
+    """Write the pieces to a new file in `directory`; return its path and their sha256."""
+    target = directory / f"local-{os.getpid()}-{index}-{time.monotonic_ns()}.safetensors"
+    hasher = hashlib.sha256()
+    with target.open("wb") as handle:
+        for part in parts:
+            handle.write(part)
+            hasher.update(part)
+    return str(target), hasher.hexdigest()
 
 
 def initial_model(spec: EngineSpec) -> bytes | None:
@@ -240,6 +262,36 @@ def initial_model(spec: EngineSpec) -> bytes | None:
 
 
 # --- the pieces a simulation is made of ---------------------------------------------------
+@dataclass(frozen=True)
+class ModelBytes:
+    """A round's global model as a backend gets it: safetensors bytes in pieces, no joined copy.
+
+    ``path`` is the aggregator's stored file of those bytes, when it has one: workers on this
+    machine map it (the page cache, shared) instead of being handed a copy.
+    """
+
+    parts: tuple[bytes | bytearray | memoryview, ...]
+    path: Path | None = None
+
+    @classmethod
+    def of(cls, data: bytes) -> ModelBytes:
+        return cls((data,))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def joined(self) -> bytes:
+        """Return the bytes as one object (a copy unless they are one `bytes` already)."""
+        if len(self.parts) == 1 and isinstance(self.parts[0], bytes):
+            return self.parts[0]
+        return b"".join(self.parts)
+
+    def weights(self) -> Weights:
+        """Return the decoded model: views of the mapped file, or of the joined bytes."""
+        return codec.decode(map_file(self.path) if self.path is not None else self.joined())
+
+
 class Backend(Protocol):
     """Where agents train: `fedloop.sim.local.LocalBackend` or `fedloop.sim.ray.RayBackend`."""
 
@@ -256,7 +308,7 @@ class Backend(Protocol):
     def train(
         self,
         round_number: int,
-        global_data: bytes,
+        model: ModelBytes,
         config: Mapping[str, Any],
         indices: Sequence[int],
     ) -> AsyncIterator[AgentResult]:
@@ -486,14 +538,17 @@ async def run_simulation(
             chosen = sample_agents(settings.num_agents, settings.fraction, r, settings.seed)
             observer.on_round_start(r, len(chosen))
             uploads = _RoundUploads(agg, ids, r, len(chosen), observer, settings.concurrent_uploads)
+            model_bytes = ModelBytes(
+                current.parts, agg.blobs.path(current.model_id) if current.model_id else None
+            )
             try:
                 async with asyncio.TaskGroup() as group:
-                    async for result in backend.train(r, current.data, round_config, chosen):
+                    async for result in backend.train(r, model_bytes, round_config, chosen):
                         worker_rss = max(worker_rss, result.worker_rss_mb)
                         await uploads.add(group, result)
             except BaseExceptionGroup as group_error:
                 raise _first(group_error) from None
-            del current
+            del current, model_bytes
             model = None
             while model is None:
                 model = await agg.wait_for_global(r - 1, 0.5)
@@ -550,7 +605,7 @@ async def _upload(agg: Any, agent_id: str, round_number: int, result: AgentResul
             f"metrics={result.metrics}); return a count >= 0 and finite metrics"
         ) from None
     try:
-        body = result.data if result.path is None else await asyncio.to_thread(result.body)
+        body = result.body()
         await agg.upload(request, body)
     except ProtocolError as exc:
         raise AgentFailed(

@@ -15,14 +15,11 @@ thousands of tiny agents do not pay one inter-process round trip each.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import hashlib
 import math
 import multiprocessing
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -31,13 +28,20 @@ from typing import Any, Literal
 
 from fedloop.errors import ConfigError, FedloopError
 from fedloop.protocol import codec
-from fedloop.sim.core import CHUNK_BYTES, AgentResult, EngineSpec, initial_model, train_agent
+from fedloop.sim.core import (
+    CHUNK_BYTES,
+    FILE_BYTES,
+    AgentResult,
+    EngineSpec,
+    ModelBytes,
+    initial_model,
+    train_agent,
+)
+from fedloop.store.blobs import map_file
 from fedloop.types import Weights
 
 Pool = Literal["process", "thread"]
-
-# Local models at least this large go back to the driver as files, not through the pipe.
-FILE_BYTES = 1024 * 1024
+__all__ = ["FILE_BYTES", "LocalBackend", "chunk_size"]
 
 # Per worker process: the engine spec and the global model of the round it last trained.
 _worker_spec: EngineSpec | None = None
@@ -53,30 +57,17 @@ def _worker_weights(path: str) -> Weights:
     global _worker_global
     if _worker_global is None or _worker_global[0] != path:
         _worker_global = None  # drop the last round's model before reading this one
-        _worker_global = (path, codec.decode(Path(path).read_bytes()))
+        _worker_global = (path, codec.decode(map_file(path)))
     return _worker_global[1]
 
 
-def _to_file(result: AgentResult, directory: Path) -> AgentResult:
-    """Return the result with its bytes moved to a file in `directory`, hashed on the way."""
-    if len(result.data) < FILE_BYTES:
-        return result
-    target = directory / f"local-{os.getpid()}-{result.index}-{time.monotonic_ns()}.safetensors"
-    target.write_bytes(result.data)
-    digest = hashlib.sha256(result.data).hexdigest()
-    return dataclasses.replace(result, data=b"", path=str(target), digest=digest)
-
-
-def _worker_train(path: str, config: Mapping[str, Any], indices: list[int]) -> list[AgentResult]:
+def _worker_train(
+    path: str, results_dir: str, config: Mapping[str, Any], indices: list[int]
+) -> list[AgentResult]:
     assert _worker_spec is not None, "worker started without _init_worker"
     weights = _worker_weights(path)
-    directory = Path(path).parent
-    results = []
-    for i in indices:
-        result = train_agent(_worker_spec, i, weights, config)
-        results.append(_to_file(result, directory))
-        del result  # the bytes are in the file now
-    return results
+    directory = Path(results_dir)
+    return [train_agent(_worker_spec, i, weights, config, to_dir=directory) for i in indices]
 
 
 def _worker_initial() -> bytes | None:
@@ -155,28 +146,34 @@ class LocalBackend:
     async def train(
         self,
         round_number: int,
-        global_data: bytes,
+        model: ModelBytes,
         config: Mapping[str, Any],
         indices: Sequence[int],
     ) -> AsyncIterator[AgentResult]:
         assert self._executor is not None and self._spec is not None, "start() first"
         loop = asyncio.get_running_loop()
-        size = chunk_size(len(indices), self.workers, len(global_data))
+        size = chunk_size(len(indices), self.workers, model.nbytes)
         chunks = [list(indices[i : i + size]) for i in range(0, len(indices), size)]
         config = dict(config)
-        path: Path | None = None
+        written: Path | None = None  # a copy of the global model this round wrote itself
         if self.pool == "thread":
-            weights = codec.decode(global_data)
+            weights = model.weights()
             futures = [
                 loop.run_in_executor(self._executor, _threads_train, self._spec, weights, config, c)
                 for c in chunks
             ]
         else:
             assert self._tmp is not None
-            path = self._tmp / f"global-{round_number}.safetensors"
-            path.write_bytes(global_data)
+            path = model.path
+            if path is None:  # no stored file to map: write the pieces once
+                path = written = self._tmp / f"global-{round_number}.safetensors"
+                with path.open("wb") as handle:
+                    for part in model.parts:
+                        handle.write(part)
             futures = [
-                loop.run_in_executor(self._executor, _worker_train, str(path), config, c)
+                loop.run_in_executor(
+                    self._executor, _worker_train, str(path), str(self._tmp), config, c
+                )
                 for c in chunks
             ]
         try:
@@ -190,8 +187,8 @@ class LocalBackend:
         finally:
             for future in futures:
                 future.cancel()
-            if path is not None:
-                path.unlink(missing_ok=True)
+            if written is not None:
+                written.unlink(missing_ok=True)
 
     async def stop(self) -> None:
         if self._executor is not None:

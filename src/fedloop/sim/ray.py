@@ -17,7 +17,7 @@ from typing import Any
 
 from fedloop.errors import ConfigError, FedloopError
 from fedloop.protocol import codec
-from fedloop.sim.core import AgentResult, EngineSpec, initial_model, train_agent
+from fedloop.sim.core import AgentResult, EngineSpec, ModelBytes, initial_model, train_agent
 from fedloop.sim.local import chunk_size
 
 log = logging.getLogger("fedloop.sim")
@@ -145,13 +145,14 @@ class RayBackend:
     async def train(
         self,
         round_number: int,
-        global_data: bytes,
+        model: ModelBytes,
         config: Mapping[str, Any],
         indices: Sequence[int],
     ) -> AsyncIterator[AgentResult]:
         ray = self._ray
-        size = chunk_size(len(indices), self._slots, len(global_data))
-        data_ref = ray.put(global_data)
+        size = chunk_size(len(indices), self._slots, model.nbytes)
+        # Ray's object store takes one buffer; workers may be on other machines.
+        data_ref = ray.put(model.joined())
         config = dict(config)
         refs = [
             self._train.remote(self._spec_ref, data_ref, config, list(indices[i : i + size]))

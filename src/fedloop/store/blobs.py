@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 
-def blob_id(data: bytes | bytearray | memoryview) -> str:
+def blob_id(data: bytes | bytearray | memoryview | mmap.mmap) -> str:
     """Return the content address (sha256 hex) of `data`."""
     return hashlib.sha256(data).hexdigest()
 
@@ -23,6 +24,26 @@ class HashedBody(bytearray):
     """
 
     digest: str | None = None
+
+
+class MappedBody(mmap.mmap):
+    """A read-only memory map of a file, with the sha256 of its bytes when known (``digest``).
+
+    Readers get the file's pages without a copy: arrays decoded from it view the page cache
+    (or /dev/shm). The map stays valid after the file is unlinked, until its last view is gone.
+    """
+
+    digest: str | None = None
+
+
+def map_file(path: str | Path, digest: str | None = None) -> MappedBody | bytes:
+    """Return the bytes of the file at `path` mapped read-only (b"" for an empty file)."""
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return b""  # mmap cannot map an empty file
+        body = MappedBody(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    body.digest = digest
+    return body
 
 
 def known_digest(data: object) -> str | None:
@@ -43,7 +64,7 @@ class BlobStore:
             raise KeyError(f"not a blob id: {key!r}")
         return self.root / key[:2] / key[2:4] / f"{key}.safetensors"
 
-    def put(self, data: bytes | bytearray | memoryview, key: str | None = None) -> str:
+    def put(self, data: bytes | bytearray | memoryview | mmap.mmap, key: str | None = None) -> str:
         """Store `data` durably and return its id; storing the same bytes twice is a no-op.
 
         `key` must be the sha256 of `data` when given (e.g. computed while it streamed in).
@@ -58,7 +79,7 @@ class BlobStore:
             hasher.update(part)
         return self._write(hasher.hexdigest(), parts)
 
-    def _write(self, key: str, parts: Sequence[bytes | bytearray | memoryview]) -> str:
+    def _write(self, key: str, parts: Sequence[bytes | bytearray | memoryview | mmap.mmap]) -> str:
         target = self.path(key)
         if target.exists():
             return key
