@@ -601,6 +601,11 @@ class Aggregator:
             )
         self.pending[update.agent_id] = update
 
+    def _file_and_hold(self, row: LocalModelRow, update: Update) -> None:
+        """Store an accepted upload's row, then hold it; a DuplicateUpload holds nothing."""
+        self.store.add_local_model(row)
+        self._hold(update)
+
     def _check_and_store(self, body: codec.Bytes) -> tuple[Weights, str]:
         """Validate a local model and write its blob (outside the lock: uploads overlap)."""
         assert self.spec is not None
@@ -641,10 +646,6 @@ class Aggregator:
                 nbytes=len(body),
                 created_at=now,
             )
-            try:
-                await asyncio.to_thread(self.store.add_local_model, row)
-            except DuplicateUpload as exc:
-                raise ProtocolError(str(exc), 409, "duplicate_upload") from exc
             update = Update(
                 weights=weights,
                 num_samples=request.num_samples,
@@ -652,10 +653,11 @@ class Aggregator:
                 base_round=base,
                 metrics=request.metrics,
             )
-            if self.streams:
-                await asyncio.to_thread(self._hold, update)
-            else:
-                self._hold(update)
+            try:
+                # One hop to a thread for both: the row, then the fold (a pass over the model).
+                await asyncio.to_thread(self._file_and_hold, row, update)
+            except DuplicateUpload as exc:
+                raise ProtocolError(str(exc), 409, "duplicate_upload") from exc
             self.stats["uploads"] += 1
             self.stats["bytes_in"] += len(body)
             uploads, needed, filed = len(self.pending), self.needed(), self.round
