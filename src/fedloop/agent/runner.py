@@ -97,6 +97,7 @@ class Agent:
         # holds one copy of the model besides the engine's.
         self._global_bytes: tuple[int, bytes | bytearray] | None = None
         self._local: tuple[ModelBody, dict[str, Any]] | None = None
+        self._order: list[str] | None = None  # the global model's tensor names, in order
 
     # --- helpers --------------------------------------------------------------------------
     def _call(self, action: Callable[[], T]) -> T:
@@ -189,8 +190,12 @@ class Agent:
         if result is None:
             return
         info, data = result
-        self.dir.save_global(data)
+        if info.finished:
+            # The run's final model stays in the directory for the user. Others are not
+            # written: a restarted agent fetches the round it resumes from the aggregator.
+            self.dir.save_global(data)
         self._global_bytes = (info.round, data)
+        self._order = list(codec.decode(data))  # views: costs no copy
         self.state.global_round, self.state.config = info.round, dict(info.config)
         self.state.finished = info.finished
         if self.evaluate_global or info.finished:
@@ -209,7 +214,18 @@ class Agent:
         if self._global_bytes is not None and self._global_bytes[0] == self.state.global_round:
             # read-only views, as over `bytes`: an engine cannot change the buffer in place
             return codec.decode(memoryview(self._global_bytes[1]).toreadonly())
-        return self.dir.load_global()
+        # Resumed in gm_ready/training after a restart: fetch the round it stopped at.
+        round_number = self.state.global_round
+        weights = self._call(lambda: self.client.global_model(round_number))
+        self._order = list(weights)
+        return weights
+
+    def global_order(self) -> list[str]:
+        """Return the global model's tensor names in its order (the aggregator's spec order)."""
+        if self._order is None:  # resumed in sending after a restart
+            self._held_global()
+        assert self._order is not None
+        return self._order
 
     def _evaluate_global(self, round_number: int) -> None:
         metrics = self.engine.evaluate(self._held_global(), dict(self.state.config))
@@ -222,11 +238,7 @@ class Agent:
 
     def _train(self) -> None:
         self._enter(Phase.TRAINING)
-        try:
-            weights = self._held_global()
-        except (OSError, FedloopError):  # missing or damaged on disk: fetch that round again
-            round_number = self.state.global_round
-            weights = self._call(lambda: self.client.global_model(round_number))
+        weights = self._held_global()
         config = {**self.state.config, "round": self.state.global_round + 1}
         new, num_samples, metrics = self.engine.train(weights, config)
         del weights

@@ -21,7 +21,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedloop.agent.client import Refused
-from fedloop.errors import FedloopError
 from fedloop.privacy.secagg import AdvertiseKeys, SecAggClient, SecAggConfig, SecAggError
 from fedloop.protocol import codec
 from fedloop.protocol.messages import (
@@ -108,10 +107,7 @@ def send_secure(agent: Agent, data: Any, meta: Mapping[str, Any]) -> None:
     their pieces); it counts as trained once it was summed in."""
     round_number = int(meta["round"])
     weights = _decode(data)
-    try:
-        order = list(agent._held_global())  # the model's order, as the aggregator's spec
-    except (OSError, FedloopError):
-        order = list(weights)
+    order = agent.global_order()  # the model's order, as the aggregator's spec
     if set(order) != set(weights):
         log.warning(
             "round %d: the local model's tensors differ from the global model's; skipped",
