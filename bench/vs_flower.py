@@ -66,6 +66,7 @@ DEFAULT_FLOWER_VENV = Path(tempfile.gettempdir()) / "fedloop-bench-flower"
 FLOWER_REQUIREMENT = "flwr[simulation]"
 
 MODES = ("sim", "deploy")
+SYSTEMS = ("fedloop", "flower")
 AGENTS = (2, 10, 100)
 SIZES = (4, 100)
 QUICK = [f"{m}:{n}:4" for m in MODES for n in (2, 10)]
@@ -92,10 +93,13 @@ def estimated_mb(system: str, mode: str, agents: int, model_mb: float) -> float:
         if system == "flower":
             server = IDLE_MB[(system, "server")] + model_mb * (3 + 8 * agents)
             return server + agents * (IDLE_MB[(system, "agent")] + 12 * model_mb)
+        # fedloop's aggregator folds uploads as they come, but all N bodies may be in flight.
         server = IDLE_MB[(system, "server")] + model_mb * (3 + agents)
-        return server + agents * (IDLE_MB[(system, "agent")] + 4 * model_mb)
+        return server + agents * (IDLE_MB[(system, "agent")] + 3 * model_mb)
     if system == "fedloop":
-        return IDLE_MB[(system, "sim")] + model_mb * (3 + agents + 3 * cpus)
+        # Driver: global + sums + the uploads in flight (8); workers: the mapped global and
+        # a result each; results waiting in /dev/shm. Nothing grows with the agents.
+        return IDLE_MB[(system, "sim")] + cpus * 100 + model_mb * (13 + 8 + 4 * cpus)
     # Flower's driver keeps every result as bytes and as arrays; Ray actors and object store.
     return IDLE_MB[(system, "sim")] + model_mb * (3 + 2 * agents) + cpus * (300 + 3 * model_mb)
 
@@ -493,6 +497,12 @@ def main() -> None:
         default=0.7,
         help="skip a case whose estimated peak exceeds this × MemAvailable",
     )
+    parser.add_argument(
+        "--only",
+        choices=SYSTEMS,
+        default=None,
+        help="run one system only (e.g. a case too large for the other on this machine)",
+    )
     parser.add_argument("--_sim-child", dest="sim_child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()  # fmt: skip
 
@@ -505,8 +515,8 @@ def main() -> None:
     cases = selected(patterns)
     if not cases:
         raise SystemExit(f"no case matches {patterns}")
-    flower_python = ensure_flower(args.flower_venv)
-    versions = flower_version(flower_python)
+    flower_python = None if args.only == "fedloop" else ensure_flower(args.flower_venv)
+    versions = flower_version(flower_python) if flower_python else None
     began = time.monotonic()
     for mode, agents, model_mb in cases:
         rounds = rounds_for(agents, model_mb, args.rounds)
@@ -514,7 +524,8 @@ def main() -> None:
             "bench": "vs_flower", "case": f"{mode}:{agents}:{model_mb}", "mode": mode,
             "agents": agents, "model_mb": model_mb, "rounds": rounds,
         }  # fmt: skip
-        need = max(estimated_mb(s, mode, agents, model_mb) for s in ("fedloop", "flower"))
+        systems = [args.only] if args.only else list(SYSTEMS)
+        need = max(estimated_mb(s, mode, agents, model_mb) for s in systems)
         budget = args.memory_fraction * available_mb()
         if need > budget:
             line["skipped"] = (
@@ -524,17 +535,23 @@ def main() -> None:
         elif time.monotonic() - began > args.time_budget:
             line["skipped"] = f"time budget of {args.time_budget:.0f} s used up"
         else:
-            if mode == "sim":
+            fedloop: dict[str, Any] = {"skipped": "--only flower"}
+            flower: dict[str, Any] = {"skipped": "--only fedloop"}
+            if "fedloop" in systems and mode == "sim":
                 fedloop = run_fedloop_sim(agents, model_mb, rounds, args.case_timeout)
                 fedloop["driver"] = fedloop_sim_driver()
-            else:
+            elif "fedloop" in systems:
                 fedloop = run_fedloop_deploy(agents, model_mb, rounds, args.case_timeout)
                 fedloop["driver"] = f"{agents} agent processes + aggregator process"
-            flower = run_flower(flower_python, mode, agents, model_mb, rounds, args.case_timeout)
-            flower["driver"] = (
-                "legacy start_simulation (Ray)" if mode == "sim"
-                else f"legacy start_server + {agents} start_client processes (grpc-bidi)"
-            )  # fmt: skip
+            if "flower" in systems:
+                assert flower_python is not None
+                flower = run_flower(
+                    flower_python, mode, agents, model_mb, rounds, args.case_timeout
+                )
+                flower["driver"] = (
+                    "legacy start_simulation (Ray)" if mode == "sim"
+                    else f"legacy start_server + {agents} start_client processes (grpc-bidi)"
+                )  # fmt: skip
             line["fedloop"], line["flower"] = fedloop, flower
             f_s, w_s = fedloop.get("seconds_per_round"), flower.get("seconds_per_round")
             f_m, w_m = fedloop.get("server_peak_rss_mb"), flower.get("server_peak_rss_mb")
