@@ -123,6 +123,45 @@ def test_running_mean_in_the_models_dtypes_equals_the_float64_route(
         np.testing.assert_allclose(fast[key], direct[key], rtol=1e-6)
 
 
+@pytest.mark.parametrize("counts", [(1, 1), (3, 1, 7), (2, 5, 1, 4)])
+def test_running_mean_folds_in_blocks_with_the_bits_of_the_plain_float64_sum(
+    counts: tuple[int, ...],
+) -> None:
+    # Tensors over several blocks (and not a multiple of one): the blocked fold must give the
+    # very bits of (n1·y1 + n2·y2) + n3·y3 … computed on whole float64 arrays.
+    rng = np.random.default_rng(7)
+    sizes = {"big": 3 * 65536 + 5, "small": 7}
+    updates = [
+        Update(
+            weights={k: rng.standard_normal(n, dtype=np.float32) for k, n in sizes.items()},
+            num_samples=c,
+            agent_id=f"a{i}",
+            base_round=0,
+        )
+        for i, c in enumerate(counts)
+    ]
+    running = RunningMean()
+    for update in updates:
+        running.add(update)
+    mean = running.as_update()
+    for key in sizes:
+        total = updates[0].weights[key].astype(np.float64) * updates[0].num_samples
+        for update in updates[1:]:
+            total += update.weights[key].astype(np.float64) * update.num_samples
+        np.testing.assert_array_equal(mean.weights[key], total / sum(counts))
+
+
+def test_running_mean_refuses_an_update_of_another_size() -> None:
+    running = RunningMean()
+    running.add(
+        Update(weights={"w": np.ones(4, np.float32)}, num_samples=1, agent_id="a", base_round=0)
+    )
+    with pytest.raises(ValueError, match="another shape"):
+        running.add(
+            Update(weights={"w": np.ones(5, np.float32)}, num_samples=1, agent_id="b", base_round=0)
+        )
+
+
 def test_local_backend_returns_large_local_models_as_files(tmp_path: Path) -> None:
     model_mb = 2 * FILE_BYTES / 1024 / 1024
 

@@ -250,6 +250,9 @@ def assemble(
     return out
 
 
+_BLOCK = 1 << 16  # elements per block of a fold: 512 KiB of float64, stays in cache
+
+
 class RunningMean:
     """A num_samples-weighted running mean of uploads, for strategies with ``streaming``.
 
@@ -263,7 +266,7 @@ class RunningMean:
         # The float64 buffers behind `_sums`, kept by reset(): an aggregator that reuses one
         # RunningMean allocates (and page-faults in) 2 × the model once, not every round.
         self._buffers: dict[str, Array] = {}
-        self._scratch: Array | None = None  # reused for n_i * y_i: no temporaries per upload
+        self._scratch: Array | None = None  # one block of n_i * y_i, reused: no temporaries
         # The first upload is kept as it came (views into its body) and only turned into
         # float64 sums when a second one arrives: one upload needs no float64 copy at all.
         self._first: Update | None = None
@@ -287,17 +290,23 @@ class RunningMean:
         """Total num_samples of the uploads folded in."""
         return self._samples
 
-    def _term(self, tensor: np.ndarray, weight: float) -> np.ndarray:
-        """Return weight * tensor in float64, in the reused scratch buffer (or tensor itself)."""
+    def _buffer(self, key: str, shape: tuple[int, ...]) -> Array:
+        """Return the float64 sum buffer for `key`, kept from earlier rounds when it fits."""
+        total = self._buffers.get(key)
+        if total is None or total.shape != shape:
+            total = self._buffers[key] = np.empty(shape, dtype=np.float64)
+        return total
+
+    def _add_block(self, out: Array, x: Array, weight: float) -> None:
+        """out += weight * x in float64 (x is at most one block: its product stays in cache)."""
         if weight == 1.0:
-            # The ufunc casts to float64 chunk by chunk: no full-size temporary, same bits.
-            return tensor
-        size = int(tensor.size)
-        if self._scratch is None or self._scratch.size < size:
-            self._scratch = np.empty(size, dtype=np.float64)
-        out = self._scratch[:size].reshape(tensor.shape)
-        np.multiply(tensor, weight, out=out, dtype=np.float64)  # float64, not float32 math
-        return out
+            np.add(out, x, out=out)  # the ufunc casts x to float64 chunk by chunk: same bits
+            return
+        if self._scratch is None:
+            self._scratch = np.empty(_BLOCK, dtype=np.float64)
+        term = self._scratch[: x.size]
+        np.multiply(x, weight, out=term, dtype=np.float64)  # float64, not float32 math
+        np.add(out, term, out=out)
 
     def _materialize(self) -> None:
         """Turn the kept first upload into float64 sums n_1 * y_1."""
@@ -307,14 +316,17 @@ class RunningMean:
         weight = float(first.num_samples)
         for key, tensor in first.weights.items():
             array = np.asarray(tensor)
-            total = self._buffers.get(key)
-            if total is None or total.shape != array.shape:
-                total = self._buffers[key] = np.empty(array.shape, dtype=np.float64)
+            total = self._buffer(key, array.shape)
             np.multiply(array, weight, out=total, dtype=np.float64)
             self._sums[key] = total
 
     def add(self, update: Update) -> None:
-        """Fold one upload in, in place: one pass over each tensor, no per-upload allocation."""
+        """Fold one upload in, in place: one pass over each tensor, no per-upload allocation.
+
+        The second upload is folded together with the kept first one, block by block: each
+        block of the sum is written once, while in cache (n_1·y_1 + n_2·y_2), instead of a
+        pass for n_1·y_1 and another one that reads it back to add n_2·y_2.
+        """
         if self._count == 0:
             self._first = update
             self._samples, self._count = update.num_samples, 1
@@ -322,10 +334,31 @@ class RunningMean:
         names = set(self._first.weights if self._first is not None else self._sums)
         if set(update.weights) != names:
             raise ValueError(f"update from agent {update.agent_id!r} has other tensor names")
-        self._materialize()
+        first, self._first = self._first, None
         weight = float(update.num_samples)
         for key, tensor in update.weights.items():
-            np.add(self._sums[key], self._term(np.asarray(tensor), weight), out=self._sums[key])
+            x = np.asarray(tensor).reshape(-1)
+            size = (first.weights[key] if first is not None else self._sums[key]).size
+            if x.size != size:
+                raise ValueError(
+                    f"update from agent {update.agent_id!r}: {key!r} has another shape"
+                )
+            if first is not None:
+                earlier = np.asarray(first.weights[key])
+                total = self._sums[key] = self._buffer(key, earlier.shape)
+                flat, y, first_weight = (
+                    total.reshape(-1),
+                    earlier.reshape(-1),
+                    float(first.num_samples),
+                )
+                for at in range(0, flat.size, _BLOCK):
+                    out = flat[at : at + _BLOCK]
+                    np.multiply(y[at : at + _BLOCK], first_weight, out=out, dtype=np.float64)
+                    self._add_block(out, x[at : at + _BLOCK], weight)
+            else:
+                flat = self._sums[key].reshape(-1)
+                for at in range(0, flat.size, _BLOCK):
+                    self._add_block(flat[at : at + _BLOCK], x[at : at + _BLOCK], weight)
         self._samples += update.num_samples
         self._count += 1
 
