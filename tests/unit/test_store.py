@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
@@ -19,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import NullPool
 
 from fedloop.errors import FedloopError
-from fedloop.store.blobs import BlobStore, blob_id
+from fedloop.store.blobs import BlobStore, BodyPool, blob_id
 from fedloop.store.db import (
     Base,
     DuplicateUpload,
@@ -279,3 +280,31 @@ def test_blob_store_is_content_addressed_and_atomic(tmp_path: Path) -> None:
         blobs.path("../etc/passwd")
     blobs.delete(key)
     assert not blobs.exists(key)
+
+
+def test_body_pool_reuses_a_buffer_only_once_nothing_views_it() -> None:
+    pool = BodyPool(keep_bytes=1024)
+    first = pool.acquire(100)
+    first[:] = b"x" * 100
+    first.digest = "old"
+    address = id(first)
+    tensor = np.frombuffer(memoryview(first), dtype=np.float32)  # a decoded upload views it
+    del first
+    busy = pool.acquire(100)
+    assert id(busy) != address, "handed out a buffer that a tensor still views"
+    del tensor
+    again = pool.acquire(100)
+    assert id(again) == address and again.digest is None
+    assert bytes(again) == b"x" * 100  # not zeroed: the caller overwrites all of it
+
+
+def test_body_pool_keeps_at_most_keep_bytes_of_buffers() -> None:
+    pool = BodyPool(keep_bytes=250)
+    held = [pool.acquire(100) for _ in range(3)]  # the third is not kept: 300 > 250
+    ids = [id(b) for b in held]
+    del held
+    assert id(pool.acquire(100)) in ids[:2]
+    other = pool.acquire(200)  # room is made by forgetting free buffers of another size
+    assert len(other) == 200
+    del other
+    assert len(pool.acquire(200)) == 200

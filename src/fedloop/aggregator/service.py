@@ -41,7 +41,7 @@ from fedloop.protocol.messages import (
     UploadResponse,
 )
 from fedloop.security import tokens
-from fedloop.store.blobs import BlobStore
+from fedloop.store.blobs import BlobStore, BodyPool
 from fedloop.store.db import (
     AgentRow,
     DuplicateUpload,
@@ -132,6 +132,7 @@ class Aggregator:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(database_url(config.data_dir, config.database_url))
         self.blobs = BlobStore(config.data_dir / "blobs")
+        self.bodies = BodyPool()  # upload buffers, reused round after round
         self.strategy: Strategy = load_strategy(config.strategy.name, **config.strategy.params)
         self.evaluator: Any = (
             load_engine(config.evaluate.engine, **config.evaluate.params)
