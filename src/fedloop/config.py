@@ -69,6 +69,10 @@ class AggregatorConfig(BaseModel):
     rounds: int = Field(0, ge=0)  # stop after this many global models; 0 = run forever
     max_model_bytes: int = Field(2 * 1024**3, gt=0)
     max_agents: int = Field(100_000, ge=1)
+    # fsync every stored model before its row commits, so a power loss cannot leave a row whose
+    # model is missing. `fedloop simulate` turns it off: a simulation does not resume after a
+    # crash, and one fsync per local model was ≈ 40 % of its driver's time at 1,000 agents.
+    fsync_models: bool = True
     log_level: str = "info"
     # TLS on the aggregator's port; with tls_client_ca, agents must present a certificate
     # signed by that CA (mutual TLS).

@@ -17,7 +17,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,7 +131,7 @@ class Aggregator:
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(database_url(config.data_dir, config.database_url))
-        self.blobs = BlobStore(config.data_dir / "blobs")
+        self.blobs = BlobStore(config.data_dir / "blobs", fsync=config.fsync_models)
         self.bodies = BodyPool()  # upload buffers, reused round after round
         self.strategy: Strategy = load_strategy(config.strategy.name, **config.strategy.params)
         self.evaluator: Any = (
@@ -602,15 +602,37 @@ class Aggregator:
             )
         self.pending[update.agent_id] = update
 
-    def _file_and_hold(self, row: LocalModelRow, update: Update) -> None:
-        """Store an accepted upload's row, then hold it; a DuplicateUpload holds nothing."""
-        self.store.add_local_model(row)
-        self._hold(update)
+    def _file_and_hold(
+        self, rows: list[LocalModelRow], updates: list[Update]
+    ) -> list[DuplicateUpload | None]:
+        """Store accepted uploads' rows (one transaction), then hold them; an upload whose row
+        is a duplicate is not held and gets its DuplicateUpload back, in order."""
+        try:
+            self.store.add_local_models(rows)
+            refused: list[DuplicateUpload | None] = [None] * len(rows)
+        except DuplicateUpload:
+            if len(rows) == 1:
+                raise
+            refused = []  # find which: one row at a time
+            for row in rows:
+                try:
+                    self.store.add_local_models([row])
+                    refused.append(None)
+                except DuplicateUpload as exc:
+                    refused.append(exc)
+        for update, duplicate in zip(updates, refused, strict=True):
+            if duplicate is None:
+                self._hold(update)
+        return refused
 
-    def _check_and_store(self, body: codec.Bytes) -> tuple[Weights, str]:
-        """Validate a local model and write its blob (outside the lock: uploads overlap)."""
+    def _check_and_store(self, body: codec.Bytes) -> tuple[Weights, str] | ProtocolError:
+        """Validate a local model and write its blob (outside the lock: uploads overlap);
+        return the refusal instead for a body that is not a valid model."""
         assert self.spec is not None
-        weights = codec.decode_checked(body, self.spec)
+        try:
+            weights = codec.decode_checked(body, self.spec)
+        except ProtocolError as exc:
+            return exc
         # A body read by the HTTP layer (or a simulation worker) was hashed while it was
         # filled (`HashedBody.digest`): do not hash 100s of MB a second time.
         digest: str | None = getattr(body, "digest", None)
@@ -618,76 +640,135 @@ class Aggregator:
 
     async def upload(self, request: UploadRequest, body: codec.Bytes) -> UploadResponse:
         """Accept a local model for the current round, or refuse it with the reason."""
-        self.known_agent(request.agent_id)
-        if self.secure is not None:
-            raise ProtocolError(
-                "this aggregator runs secure aggregation: local models go masked through "
-                "/v1/secagg, never in the clear; upgrade the agent",
-                409,
-                "secagg_required",
-            )
-        self._check_round(request.agent_id, request.round)
-        if self.spec is None:
-            raise ProtocolError("no model is registered yet", 409, "no_model")
-        # The blob is written before its row commits; if the round closes meanwhile, the blob
+        (outcome,) = await self.upload_many([(request, body)])
+        if isinstance(outcome, ProtocolError):
+            raise outcome
+        return outcome
+
+    def _refusal(self, request: UploadRequest) -> ProtocolError | None:
+        """Return why an upload is refused before its body is looked at, or None."""
+        try:
+            self.known_agent(request.agent_id)
+            if self.secure is not None:
+                raise ProtocolError(
+                    "this aggregator runs secure aggregation: local models go masked through "
+                    "/v1/secagg, never in the clear; upgrade the agent",
+                    409,
+                    "secagg_required",
+                )
+            self._check_round(request.agent_id, request.round)
+            if self.spec is None:
+                raise ProtocolError("no model is registered yet", 409, "no_model")
+        except ProtocolError as exc:
+            return exc
+        return None
+
+    async def upload_many(
+        self, uploads: Sequence[tuple[UploadRequest, codec.Bytes]]
+    ) -> list[UploadResponse | ProtocolError]:
+        """Accept or refuse each of several local models, in order, with the reason.
+
+        An HTTP upload is a batch of one; the simulation hands over the local models that are
+        ready together: one thread hop validates and stores them all, one transaction files
+        their rows. Asynchronous rounds take one upload at a time.
+        """
+        if self.asynchronous and len(uploads) > 1:
+            raise ValueError("asynchronous rounds take one upload at a time")
+        outcomes: list[UploadResponse | ProtocolError | None] = [
+            self._refusal(request) for request, _ in uploads
+        ]
+        todo = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        if not todo:
+            return [o for o in outcomes if o is not None]
+        # The blobs are written before their rows commit; if the round closes meanwhile, a blob
         # is an orphan that the next start-up deletes.
-        weights, model_id = await asyncio.to_thread(self._check_and_store, body)
+        checked = await asyncio.to_thread(
+            lambda: [self._check_and_store(uploads[i][1]) for i in todo]
+        )
         async with self.lock:
-            self._check_round(request.agent_id, request.round)  # may have changed while decoding
             now = time.time()
             # Synchronous uploads are trained on the current global model by construction.
-            base = request.round - 1 if self.asynchronous else self.global_round
-            row = LocalModelRow(
-                agent_id=request.agent_id,
-                round=self.round,
-                base_round=base,
-                model_id=model_id,
-                num_samples=request.num_samples,
-                metrics=request.metrics,
-                nbytes=len(body),
-                created_at=now,
-            )
-            update = Update(
-                weights=weights,
-                num_samples=request.num_samples,
-                agent_id=request.agent_id,
-                base_round=base,
-                metrics=request.metrics,
-            )
-            try:
-                # One hop to a thread for both: the row, then the fold (a pass over the model).
-                await asyncio.to_thread(self._file_and_hold, row, update)
-            except DuplicateUpload as exc:
-                raise ProtocolError(str(exc), 409, "duplicate_upload") from exc
-            self.stats["uploads"] += 1
-            self.stats["bytes_in"] += len(body)
-            uploads, needed, filed = len(self.pending), self.needed(), self.round
-            log.info(
-                "round %d: local model from %s (%d/%d)%s",
-                self.round,
-                request.agent_id,
-                uploads,
-                needed,
-                f", trained on global model {base}, staleness {self.global_round - base}"
-                if self.asynchronous
-                else "",
-            )
-            if self.asynchronous:
-                self.last_base[request.agent_id] = base
-                if uploads >= needed:
-                    # Aggregated while the lock is still held, so no upload can slip in between
-                    # the buffer filling and the new global model.
-                    await self._aggregate_now("buffer full")
-            else:
+            accepted: list[tuple[int, LocalModelRow, Update]] = []
+            for i, result in zip(todo, checked, strict=True):
+                request, body = uploads[i]
+                if isinstance(result, ProtocolError):
+                    outcomes[i] = result
+                    continue
+                try:  # the round may have changed while decoding
+                    self._check_round(request.agent_id, request.round)
+                except ProtocolError as exc:
+                    outcomes[i] = exc
+                    continue
+                weights, model_id = result
+                base = request.round - 1 if self.asynchronous else self.global_round
+                row = LocalModelRow(
+                    agent_id=request.agent_id,
+                    round=self.round,
+                    base_round=base,
+                    model_id=model_id,
+                    num_samples=request.num_samples,
+                    metrics=request.metrics,
+                    nbytes=len(body),
+                    created_at=now,
+                )
+                update = Update(
+                    weights=weights,
+                    num_samples=request.num_samples,
+                    agent_id=request.agent_id,
+                    base_round=base,
+                    metrics=request.metrics,
+                )
+                accepted.append((i, row, update))
+            if accepted:
+                try:
+                    # One hop to a thread for all: the rows, then the folds (a pass each).
+                    duplicates = await asyncio.to_thread(
+                        self._file_and_hold, [a[1] for a in accepted], [a[2] for a in accepted]
+                    )
+                except DuplicateUpload as exc:
+                    duplicates = [exc]
+                held = len(self.pending) - sum(d is None for d in duplicates)
+                for (i, row, _), duplicate in zip(accepted, duplicates, strict=True):
+                    if duplicate is not None:
+                        outcomes[i] = ProtocolError(str(duplicate), 409, "duplicate_upload")
+                        continue
+                    held += 1
+                    outcomes[i] = await self._accepted(uploads[i][0], row, held, len(uploads[i][1]))
+            if not self.asynchronous:
                 self._maybe_close("threshold")
-            # Async mode: `round` is the global model this upload goes into; the agent waits
-            # for it before training again.
-            return UploadResponse(
-                accepted=True,
-                round=filed if self.asynchronous else request.round,
-                uploads=uploads,
-                needed=needed,
-            )
+        return [o for o in outcomes if o is not None]
+
+    async def _accepted(
+        self, request: UploadRequest, row: LocalModelRow, uploads: int, nbytes: int
+    ) -> UploadResponse:
+        """Count, log and answer one accepted upload (the lock is held)."""
+        self.stats["uploads"] += 1
+        self.stats["bytes_in"] += nbytes
+        needed, filed, base = self.needed(), self.round, row.base_round
+        log.info(
+            "round %d: local model from %s (%d/%d)%s",
+            self.round,
+            request.agent_id,
+            uploads,
+            needed,
+            f", trained on global model {base}, staleness {self.global_round - base}"
+            if self.asynchronous
+            else "",
+        )
+        if self.asynchronous:
+            self.last_base[request.agent_id] = base
+            if uploads >= needed:
+                # Aggregated while the lock is still held, so no upload can slip in between
+                # the buffer filling and the new global model.
+                await self._aggregate_now("buffer full")
+        # Async mode: `round` is the global model this upload goes into; the agent waits for
+        # it before training again.
+        return UploadResponse(
+            accepted=True,
+            round=filed if self.asynchronous else request.round,
+            uploads=uploads,
+            needed=needed,
+        )
 
     async def report(self, request: MetricsReport) -> None:
         """Store an agent's evaluation of a global model on its own data."""

@@ -93,9 +93,12 @@ def known_digest(data: object) -> str | None:
 class BlobStore:
     """A directory of immutable blobs, `ab/cd/<sha256>.safetensors`."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, fsync: bool = True) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        # Off: a blob survives the process being killed (the page cache keeps it), not
+        # necessarily a power loss.
+        self.fsync = fsync
 
     def path(self, key: str) -> Path:
         if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
@@ -103,7 +106,8 @@ class BlobStore:
         return self.root / key[:2] / key[2:4] / f"{key}.safetensors"
 
     def put(self, data: bytes | bytearray | memoryview | mmap.mmap, key: str | None = None) -> str:
-        """Store `data` durably and return its id; storing the same bytes twice is a no-op.
+        """Store `data` (fsynced unless `fsync` is off), return its id; the same bytes twice is
+        a no-op.
 
         `key` must be the sha256 of `data` when given (e.g. computed while it streamed in).
         """
@@ -127,8 +131,9 @@ class BlobStore:
             with os.fdopen(fd, "wb") as handle:
                 for part in parts:
                     handle.write(part)
-                handle.flush()
-                os.fsync(handle.fileno())
+                if self.fsync:
+                    handle.flush()
+                    os.fsync(handle.fileno())
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

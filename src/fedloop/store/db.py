@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -414,14 +414,20 @@ class Store:
 
     # --- local models -------------------------------------------------------------------
     def add_local_model(self, row: LocalModelRow) -> None:
-        # One Core INSERT, not the ORM's unit of work: 0.16 ms instead of 0.40 ms a row, on
-        # every upload's path. A single statement needs no BEGIN IMMEDIATE (nothing is read).
-        values = {key: getattr(row, key) for key in _LOCAL_COLUMNS}
+        self.add_local_models([row])
+
+    def add_local_models(self, rows: Sequence[LocalModelRow]) -> None:
+        """Insert the rows in one transaction: all, or none and a DuplicateUpload."""
+        # Core INSERTs, not the ORM's unit of work: 0.16 ms instead of 0.40 ms a row, on every
+        # upload's path. Writes only, so no BEGIN IMMEDIATE is needed (nothing is read).
+        values = [{key: getattr(row, key) for key in _LOCAL_COLUMNS} for row in rows]
         try:
             with self.engine.begin() as connection:
-                connection.execute(insert(LocalModelRow), [values])
+                connection.execute(insert(LocalModelRow), values)
         except IntegrityError as exc:
-            raise DuplicateUpload(f"{row.agent_id} already uploaded for round {row.round}") from exc
+            names = ", ".join(sorted({row.agent_id for row in rows}))
+            round_number = rows[0].round if rows else 0
+            raise DuplicateUpload(f"{names} already uploaded for round {round_number}") from exc
 
     def local_models(self, round_number: int | None = None) -> list[LocalModelRow]:
         query = select(LocalModelRow).order_by(LocalModelRow.round, LocalModelRow.id)
