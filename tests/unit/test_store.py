@@ -308,3 +308,13 @@ def test_body_pool_keeps_at_most_keep_bytes_of_buffers() -> None:
     assert len(other) == 200
     del other
     assert len(pool.acquire(200)) == 200
+
+
+def test_blob_store_writes_again_after_its_directories_were_removed(tmp_path: Path) -> None:
+    import shutil
+
+    blobs = BlobStore(tmp_path / "blobs")
+    first = blobs.put(b"one")
+    shutil.rmtree(tmp_path / "blobs" / first[:2])  # e.g. an operator pruning by hand
+    again = blobs.put(b"one")
+    assert again == first and blobs.get(first) == b"one"
