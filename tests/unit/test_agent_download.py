@@ -24,9 +24,12 @@ INFO = GlobalModelInfo(round=3, config={"mu": 0.5}).model_dump_json()
 
 
 def _client(handler: Callable[[httpx.Request], httpx.Response]) -> AggregatorClient:
+    """A client whose every request, model bodies included, goes to `handler` through httpx
+    (the path taken where a proxy applies; tests/unit/test_agent_bulk.py covers the other)."""
     client = AggregatorClient("http://aggregator.test", token="secret")
     client.http.close()
     client.http = httpx.Client(base_url=client.url, transport=httpx.MockTransport(handler))
+    client.bulk = None
     return client
 
 
@@ -197,6 +200,7 @@ def test_agent_rounds_through_buffers_and_fsyncs_only_its_registration(
     agent.client.http = httpx.Client(
         base_url=agent.client.url, transport=httpx.MockTransport(aggregator)
     )
+    agent.client.bulk = None
     agent.initial_weights = WEIGHTS
     state = agent.run()
 
