@@ -8,7 +8,6 @@ auditor would and counts what the guarantees in docs/faults.md say must never ha
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import signal
 import socket
 import sqlite3
@@ -28,7 +27,7 @@ from procs import AggregatorProcess, process_env
 from fedloop.protocol import codec
 from fedloop.protocol.messages import UploadRequest
 from fedloop.protocol.version import MESSAGE_HEADER
-from fedloop.store.blobs import BlobStore
+from fedloop.store.blobs import BlobStore, blob_id
 from fedloop.store.db import Store, database_url
 
 HERE = Path(__file__).resolve().parent
@@ -305,7 +304,7 @@ def _is_weighted_mean(blobs: BlobStore, model_id: str, rows: list[Any]) -> bool:
 
 
 def blob_sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return blob_id(path.read_bytes())
 
 
 SURVIVAL_KEYS = (

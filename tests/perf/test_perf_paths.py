@@ -4,7 +4,6 @@ the in-place running mean, simulation results passed as files."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from fedloop.ml.noop import NoopEngine
 from fedloop.protocol import codec
 from fedloop.sim.core import EngineSpec, ModelBytes
 from fedloop.sim.local import FILE_BYTES, LocalBackend
-from fedloop.store.blobs import BlobStore, HashedBody
+from fedloop.store.blobs import BlobStore, HashedBody, blob_id
 from fedloop.store.db import Store, database_url
 from fedloop.strategies import RunningMean, Update
 from fedloop.strategies.fedavg import FedAvg, returns_mean
@@ -80,7 +79,7 @@ def test_fifty_asyncio_agents_in_one_process_complete_two_rounds(
 def test_blob_store_uses_the_digest_computed_while_streaming(tmp_path: Path) -> None:
     payload = b"x" * 1000
     body = HashedBody(payload)
-    body.digest = hashlib.sha256(payload).hexdigest()
+    body.digest = blob_id(payload)
     store = BlobStore(tmp_path)
     assert store.put(body) == body.digest
     assert store.get(body.digest) == payload
@@ -177,7 +176,7 @@ def test_local_backend_returns_large_local_models_as_files(tmp_path: Path) -> No
                 path = Path(result.path)
                 body = result.body()
                 assert bytes(body) == initial
-                assert getattr(body, "digest", None) == hashlib.sha256(initial).hexdigest()
+                assert getattr(body, "digest", None) == blob_id(initial)
                 assert not path.exists()
         finally:
             await backend.stop()
@@ -214,7 +213,7 @@ def test_encode_parts_and_put_parts_equal_the_joined_encoding(tmp_path: Path) ->
     assert np.shares_memory(np.frombuffer(parts[1], dtype=np.uint8), weights["w"])
     store = BlobStore(tmp_path)
     key = store.put_parts(parts)
-    assert key == hashlib.sha256(codec.encode(weights)).hexdigest()
+    assert key == blob_id(codec.encode(weights))
     assert store.get(key) == codec.encode(weights)
 
 
@@ -244,7 +243,7 @@ def test_global_model_is_served_in_pieces_with_its_content_length(tmp_path: Path
         assert latest.content == codec.encode(weights)
         by_round = client.get("/v1/models/global/0")
         assert by_round.content == latest.content
-        assert by_round.headers["etag"].strip('"') == hashlib.sha256(latest.content).hexdigest()
+        assert by_round.headers["etag"].strip('"') == blob_id(latest.content)
         head = client.head("/v1/models/global/latest")
         assert head.status_code == 200 and head.content == b""
         assert head.headers["content-length"] == latest.headers["content-length"]

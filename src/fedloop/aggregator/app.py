@@ -31,7 +31,7 @@ from fedloop.protocol.messages import (
     parse_message,
 )
 from fedloop.protocol.version import MESSAGE_HEADER, PROTOCOL_VERSION
-from fedloop.store.blobs import BodyPool, HashedBody
+from fedloop.store.blobs import BodyPool, HashedBody, new_hasher
 
 log = logging.getLogger("fedloop.aggregator")
 
@@ -109,13 +109,11 @@ class BlobResponse(ModelResponse):
 async def read_body(request: Request, limit: int, pool: BodyPool | None = None) -> bytearray:
     """Return the request body, refusing it as soon as it passes `limit` bytes.
 
-    The body is a `HashedBody`: its sha256 is computed chunk by chunk as it streams in, so
+    The body is a `HashedBody`: its content address is computed chunk by chunk as it streams in, so
     storing it as a blob does not read 100s of MB a second time. With a `pool`, a body of
     known size goes into a reused buffer (no zero-fill, no page faults).
     """
-    import hashlib
-
-    hasher = hashlib.sha256()
+    hasher = new_hasher()
     declared = request.headers.get("content-length")
     if declared is not None:
         try:

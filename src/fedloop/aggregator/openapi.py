@@ -423,7 +423,7 @@ def _document() -> dict[str, Any]:
                 ],
                 "responses": {
                     "200": {
-                        "description": "the global model as safetensors bytes; ETag = sha256",
+                        "description": "the global model (safetensors); ETag: its BLAKE3 hash",
                         "headers": {"etag": {"schema": {"type": "string"}}},
                         "content": _MODEL_BODY["content"],
                     },

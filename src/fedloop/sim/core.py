@@ -10,7 +10,6 @@ is uploaded as safetensors bytes, exactly as an agent would send it.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import inspect
 import logging
 import math
@@ -32,7 +31,7 @@ from fedloop.config import AggregatorConfig, EvaluateConfig, StrategyConfig
 from fedloop.errors import ConfigError, FedloopError, ProtocolError
 from fedloop.protocol import codec
 from fedloop.protocol.messages import RegisterRequest, UploadRequest
-from fedloop.store.blobs import MappedBody, map_file
+from fedloop.store.blobs import MappedBody, map_file, new_hasher
 from fedloop.types import Weights
 
 __all__ = [
@@ -165,7 +164,7 @@ class AgentResult:
     """One virtual agent's round: its local model as safetensors bytes, samples and metrics.
 
     A worker process may leave the bytes in a file instead (``path``, ``data`` empty, with
-    their sha256 in ``digest``), so 100s of MB do not travel pickled through a pipe;
+    their content address in ``digest``), so 100s of MB do not travel pickled through a pipe;
     `body()` returns them either way (the file memory-mapped: no copy).
     """
 
@@ -239,9 +238,9 @@ def train_agent(
 
 
 def _write_parts(directory: Path, index: int, parts: Sequence[Any]) -> tuple[str, str]:
-    """Write the pieces to a new file in `directory`; return its path and their sha256."""
+    """Write the pieces to a new file in `directory`; return its path and content address."""
     target = directory / f"local-{os.getpid()}-{index}-{time.monotonic_ns()}.safetensors"
-    hasher = hashlib.sha256()
+    hasher = new_hasher()
     with target.open("wb") as handle:
         for part in parts:
             handle.write(part)

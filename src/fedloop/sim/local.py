@@ -6,7 +6,7 @@ started with ``spawn`` (never ``fork`` from a process running an event loop and 
 builds the engine spec once, and reads the round's global model once from a file the driver
 writes — a task carries only agent indices. Local models of `FILE_BYTES` or more come back the
 same way: the worker writes each to a file (in /dev/shm when there is one: memory, no disk)
-with its sha256, and only the path travels through the pool's pipe, instead of 100s of MB
+with its content address, and only the path travels through the pool's pipe, instead of 100s of MB
 pickled, copied through the pipe and unpickled, then hashed again by the driver. Agents go to
 workers in chunks, small enough that a chunk's local models stay under `CHUNK_BYTES`, so
 thousands of tiny agents do not pay one inter-process round trip each.

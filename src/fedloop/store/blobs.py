@@ -1,8 +1,13 @@
-"""Bytes stored by their sha256, written atomically so a crash never leaves half a blob."""
+"""Bytes stored by their BLAKE3 hash, written atomically so a crash never leaves half a blob.
+
+The content address is the 256-bit BLAKE3 hash in hex (`blob_id`, `new_hasher`): 0.6 ms per
+4 MB here against 2.3 ms for SHA-256, and every model that reaches the store is hashed once
+(docs/decisions/0007-blake3-content-address.md). Stores written before that keep their SHA-256
+names: ids are opaque, only their bytes are looked up.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import sys
@@ -11,14 +16,21 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import blake3
+
+
+def new_hasher() -> blake3.blake3:
+    """Return a hasher of the content address (`update(...)`, then `hexdigest()`)."""
+    return blake3.blake3()
+
 
 def blob_id(data: bytes | bytearray | memoryview | mmap.mmap) -> str:
-    """Return the content address (sha256 hex) of `data`."""
-    return hashlib.sha256(data).hexdigest()
+    """Return the content address (BLAKE3-256, hex) of `data`."""
+    return blake3.blake3(data).hexdigest()
 
 
 class HashedBody(bytearray):
-    """A bytearray whose sha256 was computed while it was filled (``digest``, hex).
+    """A bytearray whose content address was computed while it was filled (``digest``, hex).
 
     Hashing chunk by chunk as a body streams in costs no extra pass over a large model;
     `BlobStore.put` then uses the digest instead of hashing the bytes again. Whoever sets
@@ -29,7 +41,8 @@ class HashedBody(bytearray):
 
 
 class MappedBody(mmap.mmap):
-    """A read-only memory map of a file, with the sha256 of its bytes when known (``digest``).
+    """A read-only memory map of a file, with the content address of its bytes when known
+    (``digest``).
 
     Readers get the file's pages without a copy: arrays decoded from it view the page cache
     (or /dev/shm). The map stays valid after the file is unlinked, until its last view is gone.
@@ -85,13 +98,13 @@ class BodyPool:
 
 
 def known_digest(data: object) -> str | None:
-    """Return the sha256 that came with `data` (a `HashedBody`), or None if it has none."""
+    """Return the content address that came with `data` (a `HashedBody`), or None."""
     digest = getattr(data, "digest", None)
     return digest if isinstance(digest, str) else None
 
 
 class BlobStore:
-    """A directory of immutable blobs, `ab/cd/<sha256>.safetensors`."""
+    """A directory of immutable blobs, `ab/cd/<content address>.safetensors`."""
 
     def __init__(self, root: str | Path, fsync: bool = True) -> None:
         self.root = Path(root)
@@ -110,14 +123,14 @@ class BlobStore:
         """Store `data` (fsynced unless `fsync` is off), return its id; the same bytes twice is
         a no-op.
 
-        `key` must be the sha256 of `data` when given (e.g. computed while it streamed in).
+        `key` must be `blob_id(data)` when given (e.g. computed while it streamed in).
         """
         key = key or known_digest(data) or blob_id(data)
         return self._write(key, [data])
 
     def put_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> str:
         """Store the concatenation of `parts` like `put`, without joining them in memory."""
-        hasher = hashlib.sha256()
+        hasher = new_hasher()
         for part in parts:
             hasher.update(part)
         return self._write(hasher.hexdigest(), parts)
