@@ -18,6 +18,7 @@ import resource
 import shutil
 import time
 import traceback
+from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +177,7 @@ class AgentResult:
     worker_rss_mb: float
     path: str | None = None
     digest: str | None = None
+    nbytes: int = 0  # the local model's size, in `data` or in the file
 
     def body(self) -> bytes | MappedBody:
         """Return the local model's bytes: the worker's file mapped (no copy), then unlinked."""
@@ -214,7 +216,8 @@ def train_agent(
     try:
         new, num_samples, metrics = engine.train(weights, dict(config))
         parts = codec.encode_parts(new)
-        if to_dir is not None and sum(len(p) for p in parts) >= FILE_BYTES:
+        nbytes = sum(len(p) for p in parts)
+        if to_dir is not None and nbytes >= FILE_BYTES:
             path, digest = _write_parts(to_dir, index, parts)
             data = b""
         else:
@@ -234,6 +237,7 @@ def train_agent(
         peak_rss_mb(),
         path=path,
         digest=digest,
+        nbytes=nbytes,
     )
 
 
@@ -449,9 +453,13 @@ class _RoundUploads:
     """One round's uploads, handed to the aggregator in batches of the results that are ready.
 
     Up to `concurrency` batches are in flight (one is checked and stored while another's rows
-    are filed); each takes every result that arrived meanwhile, so 1,000 small agents do not
-    pay a thread hop and a transaction each.
+    are filed); each takes the results that arrived meanwhile, so 1,000 small agents do not
+    pay a thread hop and a transaction each, up to `CHUNK_BYTES` of models or `MAX_BATCH`
+    results: the driver maps only the models of the batches in hand (100 × 100 MB models
+    waiting at once must not all be mapped at once).
     """
+
+    MAX_BATCH = 256
 
     def __init__(
         self,
@@ -465,7 +473,7 @@ class _RoundUploads:
         self.agg, self.ids, self.round, self.total = agg, ids, round_number, total
         self.observer = observer
         self.concurrency = max(1, concurrency)
-        self.waiting: list[AgentResult] = []
+        self.waiting: deque[AgentResult] = deque()
         self.draining = 0
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
@@ -480,7 +488,13 @@ class _RoundUploads:
     async def _drain(self) -> None:
         try:
             while self.waiting:
-                batch, self.waiting = self.waiting, []
+                batch = [self.waiting.popleft()]
+                size = batch[0].nbytes
+                while self.waiting and len(batch) < self.MAX_BATCH:
+                    if size + self.waiting[0].nbytes > CHUNK_BYTES:
+                        break
+                    size += self.waiting[0].nbytes
+                    batch.append(self.waiting.popleft())
                 await _upload_batch(self.agg, self.ids, self.round, batch)
                 for result in batch:
                     for key, value in result.metrics.items():

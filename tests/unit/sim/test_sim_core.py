@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -117,3 +118,38 @@ def test_chunks_balance_the_workers_and_bound_memory() -> None:
     assert chunk_size(1000, 2, 100) == 125  # four tasks per worker
     assert chunk_size(3, 8, 100) == 1
     assert chunk_size(1000, 2, 40 * 1024 * 1024) == 1  # two 40 MB models exceed 64 MB
+
+
+def test_round_uploads_hand_over_batches_of_bounded_size() -> None:
+    import asyncio
+
+    from fedloop.protocol.messages import UploadResponse
+    from fedloop.sim.core import CHUNK_BYTES, AgentResult, Observer, _RoundUploads
+
+    class Aggregator:
+        def __init__(self) -> None:
+            self.batches: list[list[int]] = []
+
+        async def upload_many(self, uploads: list[tuple[Any, Any]]) -> list[UploadResponse]:
+            self.batches.append([len(body) for _, body in uploads])
+            await asyncio.sleep(0.01)  # results pile up meanwhile
+            return [UploadResponse(accepted=True, round=1, uploads=1, needed=1) for _ in uploads]
+
+    def result(index: int, nbytes: int) -> AgentResult:
+        return AgentResult(index, b"x", 1, {"loss": 1.0}, 0.0, 0.0, nbytes=nbytes)  # size only
+
+    async def go(nbytes: int, count: int) -> list[list[int]]:
+        agg = Aggregator()
+        uploads = _RoundUploads(agg, [f"id{i}" for i in range(count)], 1, count, Observer(), 2)
+        async with asyncio.TaskGroup() as group:
+            for i in range(count):
+                uploads.add(group, result(i, nbytes))
+        assert uploads.done == count and uploads.local_means() == {"loss": 1.0}
+        return agg.batches
+
+    big = asyncio.run(go(CHUNK_BYTES // 2 + 1, 6))
+    assert all(len(b) == 1 for b in big)  # two would pass CHUNK_BYTES: one model at a time
+    small = asyncio.run(go(1000, 600))
+    assert sum(len(b) for b in small) == 600
+    assert max(len(b) for b in small) == _RoundUploads.MAX_BATCH
+    assert len(small) < 600 // 2  # batched, not one by one
