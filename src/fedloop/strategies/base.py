@@ -357,6 +357,9 @@ class RunningMean:
                     self._add_block(out, x[at : at + _BLOCK], weight)
             else:
                 flat = self._sums[key].reshape(-1)
+                if weight == 1.0:  # no product to keep in cache: one ufunc call, same bits
+                    np.add(flat, x, out=flat)
+                    continue
                 for at in range(0, flat.size, _BLOCK):
                     self._add_block(flat[at : at + _BLOCK], x[at : at + _BLOCK], weight)
         self._samples += update.num_samples
