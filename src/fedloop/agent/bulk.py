@@ -1,4 +1,4 @@
-"""Model bodies to and from the aggregator over one keep-alive connection of `http.client`.
+"""Model bodies to and from the aggregator over keep-alive connections of `http.client`.
 
 A download is read by the socket straight into the agent's preallocated buffer
 (`HTTPResponse.readinto`), an upload is sent from views of the tensors; the JSON calls stay on
