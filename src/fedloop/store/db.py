@@ -8,6 +8,7 @@ changed only by the Alembic migrations in `migrations/`, which `Store` applies o
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -44,12 +45,15 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 log = logging.getLogger(__name__)
+
 # Alembic narrates every start at INFO from the moment it is imported (hence the imports inside
 # the functions below); fedloop logs what changed instead (`migrate`).
 if logging.getLogger("alembic").level == logging.NOTSET:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+# How long a process waits for another one's lock on an SQLite database.
+_BUSY_SECONDS = 10
 # Key of the PostgreSQL advisory lock that serialises migrations of one database.
 _MIGRATION_LOCK = 0x666C6F6F70  # "floop"
 
@@ -162,14 +166,32 @@ def driver_url(url: str) -> str:
     return url
 
 
+def _wal_mode(cursor: Any) -> None:
+    """Switch the database to WAL, waiting while another process holds it.
+
+    The switch needs the database to itself, and SQLite can answer "database is locked" at once
+    instead of waiting (busy_timeout) when another process is just creating or migrating it:
+    seen when four processes opened one new database at the same instant.
+    """
+    deadline = time.monotonic() + _BUSY_SECONDS
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _sqlite_pragmas(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         # First, so that a second process waits for the lock instead of failing.
-        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute(f"PRAGMA busy_timeout={_BUSY_SECONDS * 1000}")
         # WAL: a crash mid-write rolls back to the last commit; readers never block the writer.
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _wal_mode(cursor)
         # NORMAL, not FULL: in WAL mode a commit is then a write to the WAL file without an
         # fsync (the WAL is fsynced at checkpoints). A commit survives the process being
         # killed (kill -9, OOM: the OS has its pages; tests/faults SIGKILL the aggregator during
