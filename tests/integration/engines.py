@@ -55,3 +55,18 @@ class GatedShiftEngine(ShiftEngine):
         while not os.path.exists(self.gate) and time.monotonic() < deadline:
             time.sleep(0.02)
         return super().train(weights, config)
+
+
+class PidEngine:
+    """Returns the global model unchanged; its metric ``pid`` is the process that trained it."""
+
+    def __init__(self, agent_index: int, num_agents: int) -> None:
+        self.index = agent_index
+
+    def initial_weights(self) -> Weights:
+        return initial()
+
+    def train(
+        self, weights: Weights, config: dict[str, Any]
+    ) -> tuple[Weights, int, dict[str, float]]:
+        return weights, 1, {"pid": float(os.getpid())}

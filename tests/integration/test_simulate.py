@@ -13,7 +13,15 @@ import typer
 from typer.testing import CliRunner
 
 from fedloop.errors import ConfigError
-from fedloop.sim import AgentFailed, LocalBackend, RayBackend, SimSettings, run, sample_agents
+from fedloop.sim import (
+    AgentFailed,
+    LocalBackend,
+    Observer,
+    RayBackend,
+    SimSettings,
+    run,
+    sample_agents,
+)
 from fedloop.sim.cli import simulate
 from fedloop.store.db import Store, database_url
 from fedloop.types import Weights
@@ -168,3 +176,37 @@ def test_ray_runs_the_same_simulation_as_local(tmp_path: Path) -> None:
     assert [m.model_id for m in records(tmp_path / "ray")[1]] == [
         m.model_id for m in records(tmp_path / "local")[1]
     ]
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_ray_gpu_agents_reuse_their_worker_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reuse: bool
+) -> None:
+    """Ray starts a new process for every GPU task unless told otherwise: seconds of CUDA and
+    framework start-up per chunk of agents (docs/simulation.md has the H200 figures)."""
+    pytest.importorskip("ray", reason="the ray engine needs `pip install 'ray[default]'`")
+    # Ray's workers find the test engines through the environment the local Ray starts with.
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+
+    class Pids(Observer):
+        def __init__(self) -> None:
+            self.pids: set[float] = set()
+            self.trained = 0
+
+        def on_agent_done(self, round_number: int, result: Any, done: int, total: int) -> None:
+            self.pids.add(result.metrics["pid"])
+            self.trained += 1
+
+    seen = Pids()
+    backend = RayBackend(
+        cpus_per_agent=0.5, gpus_per_agent=0.5, num_cpus=2, num_gpus=1, reuse_workers=reuse
+    )
+    run(
+        SimSettings("engines:PidEngine", num_agents=4, rounds=3, evaluate=False,
+                    data_dir=tmp_path / "d"),
+        backend, seen,
+    )  # fmt: skip
+    assert seen.trained == 12
+    # 2 agents fit at once (1 GPU / 0.5): reused, at most that many processes train them all;
+    # Ray's default is one process per task (a task per agent here: 12).
+    assert len(seen.pids) <= 2 if reuse else len(seen.pids) == 12

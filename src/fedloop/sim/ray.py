@@ -12,6 +12,7 @@ import asyncio
 import importlib
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -37,7 +38,21 @@ def _train_chunk(
     spec: EngineSpec, global_data: bytes, config: Mapping[str, Any], indices: list[int]
 ) -> list[AgentResult]:
     weights = codec.decode(global_data)
-    return [train_agent(spec, i, weights, config) for i in indices]
+    try:
+        return [train_agent(spec, i, weights, config) for i in indices]
+    finally:
+        _release_gpu_cache()
+
+
+def _release_gpu_cache() -> None:
+    """Give the GPU memory PyTorch keeps cached back, so an idle reused worker holds little.
+
+    The worker keeps its CUDA context (the start-up it saves); other frameworks' caches are
+    theirs to manage.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _initial(spec: EngineSpec) -> bytes | None:
@@ -64,6 +79,7 @@ class RayBackend:
         gpus_per_agent: float = 0.0,
         num_cpus: int | None = None,
         num_gpus: int | None = None,
+        reuse_workers: bool = True,
     ) -> None:
         if cpus_per_agent < 0 or gpus_per_agent < 0 or (cpus_per_agent == 0 == gpus_per_agent):
             raise ConfigError(
@@ -75,6 +91,7 @@ class RayBackend:
         self.gpus_per_agent = gpus_per_agent
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
+        self.reuse_workers = reuse_workers
         self._ray: Any = None
         self._started_here = False
         self._spec_ref: Any = None
@@ -104,7 +121,16 @@ class RayBackend:
                 f"{self.gpus_per_agent:g}; lower them or add nodes"
             )
         self._slots = int(min(slots))
-        options = {"num_cpus": self.cpus_per_agent, "num_gpus": self.gpus_per_agent}
+        options: dict[str, Any] = {
+            "num_cpus": self.cpus_per_agent,
+            "num_gpus": self.gpus_per_agent,
+        }
+        if self.gpus_per_agent and self.reuse_workers:
+            # Ray's default for a GPU task is a fresh worker process per task (max_calls=1):
+            # each chunk of agents would pay the process start, the framework import and a
+            # CUDA context again. Workers stay; each frees its framework's cached GPU memory
+            # after a chunk (`_release_gpu_cache`).
+            options["max_calls"] = 0
         # A failed agent is a bug in the engine, not a lost node: retrying would repeat it.
         self._train = ray.remote(max_retries=0, **options)(_train_chunk)
         self._initial = ray.remote(max_retries=0, **options)(_initial)
