@@ -91,6 +91,7 @@ def run_setting(args: argparse.Namespace, setting: str, data: dict[str, Any]) ->
     accuracy = evaluator.evaluate(weights, {})["accuracy"]
     history: list[float] = []
     reached: int | None = None
+    stopped = "max_rounds"
     started = time.monotonic()
     for round_ in range(1, args.max_rounds + 1):
         chosen = np.sort(rng.choice(args.agents, per_round, replace=False))
@@ -118,7 +119,10 @@ def run_setting(args: argparse.Namespace, setting: str, data: dict[str, Any]) ->
             f"({time.monotonic() - started:.0f} s)"
         )
         if accuracy >= args.target:
-            reached = round_
+            reached, stopped = round_, "target"
+            break
+        if args.max_seconds and time.monotonic() - started >= args.max_seconds:
+            stopped = "max_seconds"
             break
     key = (setting, args.epochs, args.batch_size)
     comparable = args.target == 0.99 and args.fraction == 0.1 and args.agents == 100
@@ -135,6 +139,7 @@ def run_setting(args: argparse.Namespace, setting: str, data: dict[str, Any]) ->
         "target": args.target,
         "rounds_to_target": reached,
         "rounds_run": len(history),
+        "stopped_by": stopped,
         "accuracy": history[-1] if history else round(accuracy, 4),
         "best_accuracy": max(history) if history else None,
         "accuracy_per_round": history,
@@ -162,6 +167,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target", type=float, default=0.99)
     parser.add_argument(
         "--max-rounds", type=int, default=None, help="Default 100 IID / 400 non-IID."
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="Stop a setting after this many seconds of rounds (its JSON says so).",
     )
     parser.add_argument("--test-size", type=int, default=10000, help="Test images evaluated.")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present).")
