@@ -871,7 +871,9 @@ class Aggregator:
             t.name: np.asarray(result[t.name], dtype=codec._DTYPES[t.dtype])
             for t in self.spec.tensors
         }
-        codec.check_against(new, self.spec)
+        # A weighted mean of finite uploads (each one checked) is finite: it lies between their
+        # smallest and largest values. Other strategies' results are checked.
+        codec.check_against(new, self.spec, finite=like is None)
         # Held once: the pieces it is served and stored from are views of these tensors (for
         # one FedAvg upload, of the upload's own body), not a joined encoding beside them.
         model = GlobalModel.of(self.round, new, {})

@@ -19,14 +19,22 @@ from pathlib import Path
 import blake3
 
 
-def new_hasher() -> blake3.blake3:
-    """Return a hasher of the content address (`update(...)`, then `hexdigest()`)."""
-    return blake3.blake3()
+_PARALLEL_HASH = 1 << 20  # bytes: from here on, one hash uses every core (2 cores: 18 -> 10 ms
+# per 100 MB); under it, or for chunks of a stream, one thread is faster.
+
+
+def new_hasher(parallel: bool = False) -> blake3.blake3:
+    """Return a hasher of the content address (`update(...)`, then `hexdigest()`).
+
+    `parallel`: large updates are hashed on all cores (for a model the caller waits on).
+    """
+    return blake3.blake3(max_threads=blake3.blake3.AUTO) if parallel else blake3.blake3()
 
 
 def blob_id(data: bytes | bytearray | memoryview | mmap.mmap) -> str:
-    """Return the content address (BLAKE3-256, hex) of `data`."""
-    return blake3.blake3(data).hexdigest()
+    """Return the content address (BLAKE3-256, hex) of `data`, large data on all cores."""
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    return new_hasher(parallel=size >= _PARALLEL_HASH).update(data).hexdigest()
 
 
 class HashedBody(bytearray):
@@ -130,7 +138,7 @@ class BlobStore:
 
     def put_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> str:
         """Store the concatenation of `parts` like `put`, without joining them in memory."""
-        hasher = new_hasher()
+        hasher = new_hasher(parallel=True)
         for part in parts:
             hasher.update(part)
         return self._write(hasher.hexdigest(), parts)

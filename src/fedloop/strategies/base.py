@@ -22,12 +22,14 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
 from fedloop.errors import ConfigError
+from fedloop.parallel import split
 from fedloop.types import Weights
 
 Array = NDArray[np.float64]
@@ -253,6 +255,16 @@ def assemble(
 _BLOCK = 1 << 16  # elements per block of a fold: 512 KiB of float64, stays in cache
 
 
+def _scale_range(y: Array, weight: float, out: Array, start: int, stop: int) -> None:
+    """out[start:stop] = weight * y[start:stop], computed in float64."""
+    np.multiply(y[start:stop], weight, out=out[start:stop], dtype=np.float64)
+
+
+def _divide_range(sums: Array, n: int, out: Array, start: int, stop: int) -> None:
+    """out[start:stop] = sums[start:stop] / n, cast to out's dtype."""
+    np.divide(sums[start:stop], n, out=out[start:stop], casting="same_kind")
+
+
 class RunningMean:
     """A num_samples-weighted running mean of uploads, for strategies with ``streaming``.
 
@@ -297,16 +309,44 @@ class RunningMean:
             total = self._buffers[key] = np.empty(shape, dtype=np.float64)
         return total
 
-    def _add_block(self, out: Array, x: Array, weight: float) -> None:
-        """out += weight * x in float64 (x is at most one block: its product stays in cache)."""
+    def _add_block(self, out: Array, x: Array, weight: float, scratch: Array | None) -> None:
+        """out += weight * x in float64 (x is at most one block: its product stays in cache).
+
+        `scratch` is a block of float64 owned by the calling thread (None: use the shared one).
+        """
         if weight == 1.0:
             np.add(out, x, out=out)  # the ufunc casts x to float64 chunk by chunk: same bits
             return
-        if self._scratch is None:
-            self._scratch = np.empty(_BLOCK, dtype=np.float64)
-        term = self._scratch[: x.size]
+        if scratch is None:
+            if self._scratch is None:
+                self._scratch = np.empty(_BLOCK, dtype=np.float64)
+            scratch = self._scratch
+        term = scratch[: x.size]
         np.multiply(x, weight, out=term, dtype=np.float64)  # float64, not float32 math
         np.add(out, term, out=out)
+
+    def _fold_range(
+        self,
+        flat: Array,
+        x: Array,
+        weight: float,
+        y: Array | None,
+        first_weight: float,
+        start: int,
+        stop: int,
+    ) -> None:
+        """Fold x[start:stop] (and the kept first upload's y, when given) into flat[start:stop]."""
+        if y is None and weight == 1.0:  # no product to keep in cache: one ufunc call, same bits
+            np.add(flat[start:stop], x[start:stop], out=flat[start:stop])
+            return
+        whole = start == 0 and stop == flat.size  # else other threads fold other ranges
+        scratch = None if whole or weight == 1.0 else np.empty(_BLOCK, np.float64)
+        for at in range(start, stop, _BLOCK):
+            end = min(at + _BLOCK, stop)
+            out = flat[at:end]
+            if y is not None:
+                np.multiply(y[at:end], first_weight, out=out, dtype=np.float64)
+            self._add_block(out, x[at:end], weight, scratch)
 
     def _materialize(self) -> None:
         """Turn the kept first upload into float64 sums n_1 * y_1."""
@@ -317,7 +357,8 @@ class RunningMean:
         for key, tensor in first.weights.items():
             array = np.asarray(tensor)
             total = self._buffer(key, array.shape)
-            np.multiply(array, weight, out=total, dtype=np.float64)
+            y, flat = array.reshape(-1), total.reshape(-1)
+            split(flat.size, partial(_scale_range, y, weight, flat))
             self._sums[key] = total
 
     def add(self, update: Update) -> None:
@@ -343,25 +384,18 @@ class RunningMean:
                 raise ValueError(
                     f"update from agent {update.agent_id!r}: {key!r} has another shape"
                 )
+            y: Array | None = None
+            first_weight = 0.0
             if first is not None:
                 earlier = np.asarray(first.weights[key])
-                total = self._sums[key] = self._buffer(key, earlier.shape)
-                flat, y, first_weight = (
-                    total.reshape(-1),
-                    earlier.reshape(-1),
-                    float(first.num_samples),
-                )
-                for at in range(0, flat.size, _BLOCK):
-                    out = flat[at : at + _BLOCK]
-                    np.multiply(y[at : at + _BLOCK], first_weight, out=out, dtype=np.float64)
-                    self._add_block(out, x[at : at + _BLOCK], weight)
-            else:
-                flat = self._sums[key].reshape(-1)
-                if weight == 1.0:  # no product to keep in cache: one ufunc call, same bits
-                    np.add(flat, x, out=flat)
-                    continue
-                for at in range(0, flat.size, _BLOCK):
-                    self._add_block(flat[at : at + _BLOCK], x[at : at + _BLOCK], weight)
+                self._sums[key] = self._buffer(key, earlier.shape)
+                y, first_weight = earlier.reshape(-1), float(first.num_samples)
+            flat = self._sums[key].reshape(-1)
+            split(
+                flat.size,
+                partial(self._fold_range, flat, x, weight, y, first_weight),
+                align=_BLOCK,
+            )
         self._samples += update.num_samples
         self._count += 1
 
@@ -411,7 +445,8 @@ class RunningMean:
                 target = like.get(key) if like is not None else None
                 if target is not None and target.dtype.kind == "f" and target.shape == total.shape:
                     mean = np.empty(total.shape, dtype=target.dtype)
-                    np.divide(total, self._samples, out=mean, casting="same_kind")
+                    sums, out, n = total.reshape(-1), mean.reshape(-1), self._samples
+                    split(out.size, partial(_divide_range, sums, n, out))
                     weights[key] = mean
                 else:
                     weights[key] = total / self._samples

@@ -1,0 +1,73 @@
+"""fedloop.parallel: model-sized passes cut into ranges on threads, with the bits of one pass."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import numpy as np
+import pytest
+
+from fedloop import parallel
+from fedloop.protocol.codec import all_finite
+from fedloop.strategies import FedAvg, RunningMean, Update
+
+BIG = parallel.MIN_SPLIT * 2 + 3 * 65536 + 11  # over the split size, not a multiple of a block
+
+
+@pytest.fixture(autouse=True)
+def three_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Split in 3 whatever this machine's CPUs (CI may have 1 or 2).
+    monkeypatch.setattr(parallel, "threads", lambda: 3)
+
+
+@pytest.mark.parametrize("size", [0, 1, 65536, BIG])
+def test_ranges_cover_every_element_once_on_aligned_bounds(size: int) -> None:
+    cuts = parallel.ranges(size, 3, 65536)
+    assert cuts[0][0] == 0 and cuts[-1][1] == size
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(cuts))
+    assert all(start % 65536 == 0 for start, _ in cuts) and len(cuts) <= 3
+
+
+def test_split_runs_large_work_on_several_threads_in_order() -> None:
+    seen: list[tuple[int, int, int]] = []
+    out = parallel.split(BIG, lambda a, b: seen.append((a, b, threading.get_ident())) or a)
+    assert out == sorted(out) and len(out) == 3
+    assert len({ident for _, _, ident in seen}) > 1
+    assert parallel.split(100, lambda a, b: (a, b)) == [(0, 100)]  # small: one call
+
+
+@pytest.mark.parametrize("counts", [(1, 1), (3, 1, 7), (2, 5, 1, 4)])
+def test_a_split_fold_has_the_bits_of_the_whole_array_float64_mean(
+    counts: tuple[int, ...],
+) -> None:
+    rng = np.random.default_rng(11)
+    updates = [
+        Update(
+            weights={"big": rng.standard_normal(BIG, dtype=np.float32)},
+            num_samples=c,
+            agent_id=f"a{i}",
+            base_round=0,
+        )
+        for i, c in enumerate(counts)
+    ]
+    running = RunningMean()
+    for update in updates:
+        running.add(update)
+    total = updates[0].weights["big"].astype(np.float64) * counts[0]
+    for update in updates[1:]:
+        total += update.weights["big"].astype(np.float64) * update.num_samples
+    expected = total / sum(counts)
+    np.testing.assert_array_equal(running.as_update().weights["big"], expected)
+    like = {"big": np.zeros(BIG, np.float32)}
+    fast = FedAvg().aggregate(like, [running.as_update(like=like)])["big"]
+    assert fast.dtype == np.float32
+    np.testing.assert_array_equal(fast, expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("where", [0, BIG // 2, BIG - 1])
+def test_all_finite_finds_a_nan_in_any_range(where: int) -> None:
+    x = np.ones(BIG, np.float32)
+    assert all_finite(x)
+    x[where] = np.nan
+    assert not all_finite(x)
