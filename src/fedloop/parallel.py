@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
 
-MIN_SPLIT = 1 << 19  # elements; 2 MiB of float32
+MIN_SPLIT = 1 << 21  # elements, 8 MiB of float32: under it, thread hops cost more than they save
 MAX_THREADS = 4  # model-sized passes are bound by memory bandwidth past a few cores
 
 _pool: ThreadPoolExecutor | None = None
@@ -49,6 +49,33 @@ def ranges(size: int, parts: int, align: int) -> list[tuple[int, int]]:
     step = -(-size // max(1, parts))  # ceil
     step = -(-step // align) * align
     return [(start, min(start + step, size)) for start in range(0, size, step)]
+
+
+def split_tensors(
+    sizes: Sequence[int], work: Callable[[int, int, int], T], align: int = 1 << 16
+) -> list[T]:
+    """Return ``work(i, start, stop)`` for pieces covering every element of tensors of `sizes`.
+
+    The tensors are cut as one run of ``sum(sizes)`` elements, so a model of many tensors
+    (each under `MIN_SPLIT`) is shared out as evenly as one large tensor. Pieces come back in
+    tensor order, and each tensor's pieces in element order; an empty tensor has none.
+    """
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+
+    def run(first: int, last: int) -> list[tuple[int, int, T]]:
+        done = []
+        for i, size in enumerate(sizes):
+            start, stop = max(first - offsets[i], 0), min(last - offsets[i], size)
+            if start < stop:
+                done.append((i, start, work(i, start, stop)))
+        return done
+
+    # Cut on `align` multiples of the whole run; a tensor shorter than one piece stays whole.
+    pieces = [p for part in split(offsets[-1], run, align) for p in part]
+    pieces.sort(key=lambda p: (p[0], p[1]))
+    return [result for _, _, result in pieces]
 
 
 def split(size: int, work: Callable[[int, int], T], align: int = 1 << 16) -> list[T]:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from fedloop import parallel
-from fedloop.protocol.codec import all_finite
+from fedloop.errors import ProtocolError
+from fedloop.protocol.codec import ModelSpec, all_finite, check_against
 from fedloop.strategies import FedAvg, RunningMean, Update
 
 BIG = parallel.MIN_SPLIT * 2 + 3 * 65536 + 11  # over the split size, not a multiple of a block
@@ -71,3 +72,54 @@ def test_all_finite_finds_a_nan_in_any_range(where: int) -> None:
     assert all_finite(x)
     x[where] = np.nan
     assert not all_finite(x)
+
+
+# One run of 1.8 × MIN_SPLIT elements in tensors of all sizes: cut in 3, inside tensors.
+SIZES = [5, 0, parallel.MIN_SPLIT // 2 + 7, 3, parallel.MIN_SPLIT // 3, parallel.MIN_SPLIT + 1]
+
+
+def test_split_tensors_covers_each_tensor_once_in_order() -> None:
+    pieces = parallel.split_tensors(SIZES, lambda i, a, b: (i, a, b))
+    assert [i for i, _, _ in pieces] == sorted(i for i, _, _ in pieces)
+    for i, size in enumerate(SIZES):
+        mine = [(a, b) for j, a, b in pieces if j == i]
+        if size == 0:
+            assert not mine
+            continue
+        assert mine[0][0] == 0 and mine[-1][1] == size
+        assert all(x[1] == y[0] for x, y in itertools.pairwise(mine))
+    assert len({(a, b) for _, a, b in pieces}) > len([s for s in SIZES if s])  # some were cut
+
+
+def test_a_fold_of_many_tensors_has_the_bits_of_the_whole_array_mean() -> None:
+    rng = np.random.default_rng(5)
+    names = [f"t{i}" for i in range(len(SIZES))]
+    shapes = dict(zip(names, SIZES, strict=True))
+    updates = [
+        Update(
+            weights={k: rng.standard_normal(n, dtype=np.float32) for k, n in shapes.items()},
+            num_samples=c,
+            agent_id=f"a{j}",
+            base_round=0,
+        )
+        for j, c in enumerate((3, 1, 7))
+    ]
+    running = RunningMean()
+    for update in updates:
+        running.add(update)
+    like = {k: np.zeros(n, np.float32) for k, n in shapes.items()}
+    mean = running.as_update(like=like).weights
+    for key in names:
+        total = sum(u.weights[key].astype(np.float64) * u.num_samples for u in updates)
+        np.testing.assert_array_equal(mean[key], (total / 11).astype(np.float32))
+
+
+@pytest.mark.parametrize("tensor", [2, 4, 5])
+def test_check_against_names_the_tensor_with_a_nan(tensor: int) -> None:
+    weights = {f"t{i}": np.ones(n, np.float32) for i, n in enumerate(SIZES)}
+    spec = ModelSpec.of(weights)
+    check_against(weights, spec)
+    weights[f"t{tensor}"][-1] = np.inf
+    with pytest.raises(ProtocolError, match=f"'t{tensor}' contains NaN or Inf"):
+        check_against(weights, spec)
+    check_against(weights, spec, finite=False)

@@ -19,17 +19,18 @@ Conventions every strategy follows:
 from __future__ import annotations
 
 import math
+import sys
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
 from fedloop.errors import ConfigError
-from fedloop.parallel import split
+from fedloop.parallel import split_tensors
 from fedloop.types import Weights
 
 Array = NDArray[np.float64]
@@ -253,14 +254,15 @@ def assemble(
 
 
 _BLOCK = 1 << 16  # elements per block of a fold: 512 KiB of float64, stays in cache
+_KEPT_MEANS = 3  # arrays kept per tensor for means: the global model, its last one, a spare
 
 
-def _scale_range(y: Array, weight: float, out: Array, start: int, stop: int) -> None:
+def _scale_range(y: Array, out: Array, weight: float, start: int, stop: int) -> None:
     """out[start:stop] = weight * y[start:stop], computed in float64."""
     np.multiply(y[start:stop], weight, out=out[start:stop], dtype=np.float64)
 
 
-def _divide_range(sums: Array, n: int, out: Array, start: int, stop: int) -> None:
+def _divide_range(sums: Array, out: Array, n: int, start: int, stop: int) -> None:
     """out[start:stop] = sums[start:stop] / n, cast to out's dtype."""
     np.divide(sums[start:stop], n, out=out[start:stop], casting="same_kind")
 
@@ -278,7 +280,12 @@ class RunningMean:
         # The float64 buffers behind `_sums`, kept by reset(): an aggregator that reuses one
         # RunningMean allocates (and page-faults in) 2 × the model once, not every round.
         self._buffers: dict[str, Array] = {}
-        self._scratch: Array | None = None  # one block of n_i * y_i, reused: no temporaries
+        # Arrays the mean was returned in (as_update with like), per tensor: one that nothing
+        # else references any more (the global model of two rounds ago, say) is written again
+        # instead of a fresh array and its page faults.
+        self._means: dict[str, list[Array]] = {}
+        # Per thread, one block of n_i * y_i, reused: no temporaries.
+        self._scratch = threading.local()
         # The first upload is kept as it came (views into its body) and only turned into
         # float64 sums when a second one arrives: one upload needs no float64 copy at all.
         self._first: Update | None = None
@@ -309,18 +316,14 @@ class RunningMean:
             total = self._buffers[key] = np.empty(shape, dtype=np.float64)
         return total
 
-    def _add_block(self, out: Array, x: Array, weight: float, scratch: Array | None) -> None:
-        """out += weight * x in float64 (x is at most one block: its product stays in cache).
-
-        `scratch` is a block of float64 owned by the calling thread (None: use the shared one).
-        """
+    def _add_block(self, out: Array, x: Array, weight: float) -> None:
+        """out += weight * x in float64 (x is at most one block: its product stays in cache)."""
         if weight == 1.0:
             np.add(out, x, out=out)  # the ufunc casts x to float64 chunk by chunk: same bits
             return
-        if scratch is None:
-            if self._scratch is None:
-                self._scratch = np.empty(_BLOCK, dtype=np.float64)
-            scratch = self._scratch
+        scratch: Array | None = getattr(self._scratch, "block", None)
+        if scratch is None:  # one block per thread: ranges are folded on several at once
+            scratch = self._scratch.block = np.empty(_BLOCK, dtype=np.float64)
         term = scratch[: x.size]
         np.multiply(x, weight, out=term, dtype=np.float64)  # float64, not float32 math
         np.add(out, term, out=out)
@@ -329,9 +332,9 @@ class RunningMean:
         self,
         flat: Array,
         x: Array,
-        weight: float,
         y: Array | None,
         first_weight: float,
+        weight: float,
         start: int,
         stop: int,
     ) -> None:
@@ -339,14 +342,25 @@ class RunningMean:
         if y is None and weight == 1.0:  # no product to keep in cache: one ufunc call, same bits
             np.add(flat[start:stop], x[start:stop], out=flat[start:stop])
             return
-        whole = start == 0 and stop == flat.size  # else other threads fold other ranges
-        scratch = None if whole or weight == 1.0 else np.empty(_BLOCK, np.float64)
         for at in range(start, stop, _BLOCK):
             end = min(at + _BLOCK, stop)
             out = flat[at:end]
             if y is not None:
                 np.multiply(y[at:end], first_weight, out=out, dtype=np.float64)
-            self._add_block(out, x[at:end], weight, scratch)
+            self._add_block(out, x[at:end], weight)
+
+    def _mean_buffer(self, key: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Array:
+        """Return an array for `key`'s mean: a kept one no one else references, or a new one."""
+        kept = self._means.setdefault(key, [])
+        for array in kept:
+            # 3: the list, the loop variable and getrefcount's own argument. A view, a
+            # memoryview or a dict holding the array (a global model still served) adds one.
+            if array.shape == shape and array.dtype == dtype and sys.getrefcount(array) == 3:
+                return array
+        array = np.empty(shape, dtype=dtype)
+        kept.append(array)
+        del kept[:-_KEPT_MEANS]  # those still referenced live on with their holders
+        return array
 
     def _materialize(self) -> None:
         """Turn the kept first upload into float64 sums n_1 * y_1."""
@@ -354,12 +368,15 @@ class RunningMean:
         if first is None:
             return
         weight = float(first.num_samples)
+        pairs = []
         for key, tensor in first.weights.items():
             array = np.asarray(tensor)
-            total = self._buffer(key, array.shape)
-            y, flat = array.reshape(-1), total.reshape(-1)
-            split(flat.size, partial(_scale_range, y, weight, flat))
-            self._sums[key] = total
+            total = self._sums[key] = self._buffer(key, array.shape)
+            pairs.append((array.reshape(-1), total.reshape(-1)))
+        split_tensors(
+            [flat.size for _, flat in pairs],
+            lambda i, start, stop: _scale_range(*pairs[i], weight, start, stop),
+        )
 
     def add(self, update: Update) -> None:
         """Fold one upload in, in place: one pass over each tensor, no per-upload allocation.
@@ -375,8 +392,9 @@ class RunningMean:
         names = set(self._first.weights if self._first is not None else self._sums)
         if set(update.weights) != names:
             raise ValueError(f"update from agent {update.agent_id!r} has other tensor names")
-        first, self._first = self._first, None
+        first = self._first
         weight = float(update.num_samples)
+        inputs = []
         for key, tensor in update.weights.items():
             x = np.asarray(tensor).reshape(-1)
             size = (first.weights[key] if first is not None else self._sums[key]).size
@@ -384,18 +402,23 @@ class RunningMean:
                 raise ValueError(
                     f"update from agent {update.agent_id!r}: {key!r} has another shape"
                 )
+            inputs.append((key, x))
+        self._first = None
+        folds: list[tuple[Array, Array, Array | None, float]] = []
+        for key, x in inputs:
             y: Array | None = None
             first_weight = 0.0
             if first is not None:
                 earlier = np.asarray(first.weights[key])
                 self._sums[key] = self._buffer(key, earlier.shape)
                 y, first_weight = earlier.reshape(-1), float(first.num_samples)
-            flat = self._sums[key].reshape(-1)
-            split(
-                flat.size,
-                partial(self._fold_range, flat, x, weight, y, first_weight),
-                align=_BLOCK,
-            )
+            folds.append((self._sums[key].reshape(-1), x, y, first_weight))
+        # All tensors as one run of elements, cut into ranges on a few threads.
+        split_tensors(
+            [flat.size for flat, _, _, _ in folds],
+            lambda i, start, stop: self._fold_range(*folds[i], weight, start, stop),
+            align=_BLOCK,
+        )
         self._samples += update.num_samples
         self._count += 1
 
@@ -441,15 +464,19 @@ class RunningMean:
         if weights is None:
             self._materialize()
             weights = {}
+            divisions = []
             for key, total in self._sums.items():
                 target = like.get(key) if like is not None else None
                 if target is not None and target.dtype.kind == "f" and target.shape == total.shape:
-                    mean = np.empty(total.shape, dtype=target.dtype)
-                    sums, out, n = total.reshape(-1), mean.reshape(-1), self._samples
-                    split(out.size, partial(_divide_range, sums, n, out))
-                    weights[key] = mean
+                    mean = weights[key] = self._mean_buffer(key, total.shape, target.dtype)
+                    divisions.append((total.reshape(-1), mean.reshape(-1)))
                 else:
                     weights[key] = total / self._samples
+            n = self._samples
+            split_tensors(
+                [out.size for _, out in divisions],
+                lambda i, start, stop: _divide_range(*divisions[i], n, start, stop),
+            )
         return Update(
             weights=weights,
             num_samples=self._samples,
