@@ -6,6 +6,10 @@ while the aggregator closes a round. On the 2-core VM of docs/performance.md, ad
 of float32 into float64 sums takes 28 ms on one thread and 14 ms on two. Each element is
 computed by the same operation whatever range it falls in, so results are bit-identical to
 one pass. Arrays under `MIN_SPLIT` elements run in one call: a thread hop costs more there.
+
+Only work that others wait on, with their cores idle, is split: an aggregator closing a round
+is; one checking an upload while others stream in is not (with 10 agents × 100 MB on 2
+cores, splitting every upload's check and fold made rounds 10–15 % slower).
 """
 
 from __future__ import annotations
@@ -52,13 +56,17 @@ def ranges(size: int, parts: int, align: int) -> list[tuple[int, int]]:
 
 
 def split_tensors(
-    sizes: Sequence[int], work: Callable[[int, int, int], T], align: int = 1 << 16
+    sizes: Sequence[int],
+    work: Callable[[int, int, int], T],
+    align: int = 1 << 16,
+    parallel: bool = True,
 ) -> list[T]:
     """Return ``work(i, start, stop)`` for pieces covering every element of tensors of `sizes`.
 
     The tensors are cut as one run of ``sum(sizes)`` elements, so a model of many tensors
     (each under `MIN_SPLIT`) is shared out as evenly as one large tensor. Pieces come back in
     tensor order, and each tensor's pieces in element order; an empty tensor has none.
+    ``parallel=False`` runs them all on the caller's thread.
     """
     offsets = [0]
     for size in sizes:
@@ -73,19 +81,22 @@ def split_tensors(
         return done
 
     # Cut on `align` multiples of the whole run; a tensor shorter than one piece stays whole.
-    pieces = [p for part in split(offsets[-1], run, align) for p in part]
+    pieces = [p for part in split(offsets[-1], run, align, parallel) for p in part]
     pieces.sort(key=lambda p: (p[0], p[1]))
     return [result for _, _, result in pieces]
 
 
-def split(size: int, work: Callable[[int, int], T], align: int = 1 << 16) -> list[T]:
+def split(
+    size: int, work: Callable[[int, int], T], align: int = 1 << 16, parallel: bool = True
+) -> list[T]:
     """Return ``[work(start, stop), ...]`` over ranges covering `size` elements, in order.
 
     Ranges run at once on a shared pool, and the caller's thread runs the first one. `work`
-    must only touch its own range of any output. Under `MIN_SPLIT` elements, or with one CPU,
-    it is a single call ``work(0, size)``.
+    must only touch its own range of any output. Under `MIN_SPLIT` elements, with one CPU, or
+    with ``parallel=False`` (the cores are busy with other work), it is a single call
+    ``work(0, size)``.
     """
-    count = threads()
+    count = threads() if parallel else 1
     if size < MIN_SPLIT or count == 1:
         return [work(0, size)]
     cuts = ranges(size, count, align)

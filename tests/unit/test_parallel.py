@@ -54,7 +54,7 @@ def test_a_split_fold_has_the_bits_of_the_whole_array_float64_mean(
     ]
     running = RunningMean()
     for update in updates:
-        running.add(update)
+        running.add(update, parallel=True)
     total = updates[0].weights["big"].astype(np.float64) * counts[0]
     for update in updates[1:]:
         total += update.weights["big"].astype(np.float64) * update.num_samples
@@ -69,9 +69,9 @@ def test_a_split_fold_has_the_bits_of_the_whole_array_float64_mean(
 @pytest.mark.parametrize("where", [0, BIG // 2, BIG - 1])
 def test_all_finite_finds_a_nan_in_any_range(where: int) -> None:
     x = np.ones(BIG, np.float32)
-    assert all_finite(x)
+    assert all_finite(x, parallel=True)
     x[where] = np.nan
-    assert not all_finite(x)
+    assert not all_finite(x, parallel=True) and not all_finite(x)
 
 
 # One run of 1.8 × MIN_SPLIT elements in tensors of all sizes: cut in 3, inside tensors.
@@ -106,7 +106,7 @@ def test_a_fold_of_many_tensors_has_the_bits_of_the_whole_array_mean() -> None:
     ]
     running = RunningMean()
     for update in updates:
-        running.add(update)
+        running.add(update, parallel=True)
     like = {k: np.zeros(n, np.float32) for k, n in shapes.items()}
     mean = running.as_update(like=like).weights
     for key in names:
@@ -118,8 +118,9 @@ def test_a_fold_of_many_tensors_has_the_bits_of_the_whole_array_mean() -> None:
 def test_check_against_names_the_tensor_with_a_nan(tensor: int) -> None:
     weights = {f"t{i}": np.ones(n, np.float32) for i, n in enumerate(SIZES)}
     spec = ModelSpec.of(weights)
-    check_against(weights, spec)
+    check_against(weights, spec, parallel=True)
     weights[f"t{tensor}"][-1] = np.inf
-    with pytest.raises(ProtocolError, match=f"'t{tensor}' contains NaN or Inf"):
-        check_against(weights, spec)
+    for threaded in (True, False):
+        with pytest.raises(ProtocolError, match=f"'t{tensor}' contains NaN or Inf"):
+            check_against(weights, spec, parallel=threaded)
     check_against(weights, spec, finite=False)

@@ -592,7 +592,8 @@ class Aggregator:
     def _hold(self, update: Update) -> None:
         """Keep an accepted upload for aggregation: folded in, or whole for other strategies."""
         if self.streams:
-            self.running.add(update)
+            # The upload that closes the round is folded on all cores: nothing else runs then.
+            self.running.add(update, parallel=len(self.pending) + 1 >= self.needed())
             update = Update(
                 weights={},
                 num_samples=update.num_samples,
@@ -873,7 +874,7 @@ class Aggregator:
         }
         # A weighted mean of finite uploads (each one checked) is finite: it lies between their
         # smallest and largest values. Other strategies' results are checked.
-        codec.check_against(new, self.spec, finite=like is None)
+        codec.check_against(new, self.spec, finite=like is None, parallel=True)
         # Held once: the pieces it is served and stored from are views of these tensors (for
         # one FedAvg upload, of the upload's own body), not a joined encoding beside them.
         model = GlobalModel.of(self.round, new, {})

@@ -199,15 +199,16 @@ def decode(data: Bytes) -> Weights:
 _FINITE_BLOCK = 1 << 18  # elements per block: a small reused bool buffer, stays in cache
 
 
-def all_finite(array: np.ndarray) -> bool:
+def all_finite(array: np.ndarray, parallel: bool = False) -> bool:
     """Return True if no element is NaN or ±Inf, checked in blocks (no model-sized temporary).
 
-    A large array is checked in ranges on several threads at once (`fedloop.parallel`).
+    ``parallel``: a large array is checked in ranges on several threads (`fedloop.parallel`).
     """
     flat = array.reshape(-1)  # a view for the contiguous arrays decode returns
     if flat.size <= _FINITE_BLOCK:
         return bool(np.isfinite(flat).all())
-    return all(split(flat.size, partial(_finite_range, flat), align=_FINITE_BLOCK))
+    ranges = split(flat.size, partial(_finite_range, flat), _FINITE_BLOCK, parallel)
+    return all(ranges)
 
 
 def _finite_range(flat: np.ndarray, start: int, stop: int) -> bool:
@@ -221,10 +222,16 @@ def _finite_range(flat: np.ndarray, start: int, stop: int) -> bool:
     return True
 
 
-def check_against(weights: Mapping[str, np.ndarray], spec: ModelSpec, finite: bool = True) -> None:
+def check_against(
+    weights: Mapping[str, np.ndarray],
+    spec: ModelSpec,
+    finite: bool = True,
+    parallel: bool = False,
+) -> None:
     """Raise a ProtocolError naming the first tensor that differs from `spec` or is not finite.
 
-    ``finite=False`` leaves out the finiteness pass, for tensors finite by construction.
+    ``finite=False`` leaves out the finiteness pass, for tensors finite by construction;
+    ``parallel`` runs it on several threads (for a model others wait on).
     """
     expected = {t.name: t for t in spec.tensors}
     missing = [n for n in expected if n not in weights]
@@ -261,7 +268,8 @@ def check_against(weights: Mapping[str, np.ndarray], spec: ModelSpec, finite: bo
     checked = split_tensors(
         [a.size for _, a in floats],
         lambda i, start, stop: (i, _finite_range(floats[i][1], start, stop)),
-        align=_FINITE_BLOCK,
+        _FINITE_BLOCK,
+        parallel,
     )
     bad = [i for i, ok in checked if not ok]
     if bad:

@@ -19,7 +19,6 @@ Conventions every strategy follows:
 from __future__ import annotations
 
 import math
-import sys
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
@@ -254,7 +253,6 @@ def assemble(
 
 
 _BLOCK = 1 << 16  # elements per block of a fold: 512 KiB of float64, stays in cache
-_KEPT_MEANS = 3  # arrays kept per tensor for means: the global model, its last one, a spare
 
 
 def _scale_range(y: Array, out: Array, weight: float, start: int, stop: int) -> None:
@@ -280,10 +278,6 @@ class RunningMean:
         # The float64 buffers behind `_sums`, kept by reset(): an aggregator that reuses one
         # RunningMean allocates (and page-faults in) 2 × the model once, not every round.
         self._buffers: dict[str, Array] = {}
-        # Arrays the mean was returned in (as_update with like), per tensor: one that nothing
-        # else references any more (the global model of two rounds ago, say) is written again
-        # instead of a fresh array and its page faults.
-        self._means: dict[str, list[Array]] = {}
         # Per thread, one block of n_i * y_i, reused: no temporaries.
         self._scratch = threading.local()
         # The first upload is kept as it came (views into its body) and only turned into
@@ -349,19 +343,6 @@ class RunningMean:
                 np.multiply(y[at:end], first_weight, out=out, dtype=np.float64)
             self._add_block(out, x[at:end], weight)
 
-    def _mean_buffer(self, key: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Array:
-        """Return an array for `key`'s mean: a kept one no one else references, or a new one."""
-        kept = self._means.setdefault(key, [])
-        for array in kept:
-            # 3: the list, the loop variable and getrefcount's own argument. A view, a
-            # memoryview or a dict holding the array (a global model still served) adds one.
-            if array.shape == shape and array.dtype == dtype and sys.getrefcount(array) == 3:
-                return array
-        array = np.empty(shape, dtype=dtype)
-        kept.append(array)
-        del kept[:-_KEPT_MEANS]  # those still referenced live on with their holders
-        return array
-
     def _materialize(self) -> None:
         """Turn the kept first upload into float64 sums n_1 * y_1."""
         first, self._first = self._first, None
@@ -378,8 +359,11 @@ class RunningMean:
             lambda i, start, stop: _scale_range(*pairs[i], weight, start, stop),
         )
 
-    def add(self, update: Update) -> None:
+    def add(self, update: Update, parallel: bool = False) -> None:
         """Fold one upload in, in place: one pass over each tensor, no per-upload allocation.
+
+        ``parallel``: fold on several threads (`fedloop.parallel`), for the upload that closes
+        a round; others arrive while the cores receive more uploads.
 
         The second upload is folded together with the kept first one, block by block: each
         block of the sum is written once, while in cache (n_1·y_1 + n_2·y_2), instead of a
@@ -417,7 +401,8 @@ class RunningMean:
         split_tensors(
             [flat.size for flat, _, _, _ in folds],
             lambda i, start, stop: self._fold_range(*folds[i], weight, start, stop),
-            align=_BLOCK,
+            _BLOCK,
+            parallel,
         )
         self._samples += update.num_samples
         self._count += 1
@@ -468,7 +453,7 @@ class RunningMean:
             for key, total in self._sums.items():
                 target = like.get(key) if like is not None else None
                 if target is not None and target.dtype.kind == "f" and target.shape == total.shape:
-                    mean = weights[key] = self._mean_buffer(key, total.shape, target.dtype)
+                    mean = weights[key] = np.empty(total.shape, dtype=target.dtype)
                     divisions.append((total.reshape(-1), mean.reshape(-1)))
                 else:
                     weights[key] = total / self._samples
