@@ -16,6 +16,29 @@ from fedloop.strategies import FedAvg, RunningMean, Update
 BIG = parallel.MIN_SPLIT * 2 + 3 * 65536 + 11  # over the split size, not a multiple of a block
 
 
+def _updates(shapes: dict[str, int], counts: tuple[int, ...], seed: int) -> list[Update]:
+    """Random float32 uploads of the given tensor sizes, one per num_samples in `counts`."""
+    rng = np.random.default_rng(seed)
+    return [
+        Update(
+            weights={k: rng.standard_normal(n, dtype=np.float32) for k, n in shapes.items()},
+            num_samples=c,
+            agent_id=f"a{i}",
+            base_round=0,
+        )
+        for i, c in enumerate(counts)
+    ]
+
+
+def _float64_mean(updates: list[Update], key: str) -> np.ndarray:
+    """(n1·y1 + n2·y2) + … over whole float64 arrays, divided by the total: the reference."""
+    total = updates[0].weights[key].astype(np.float64) * updates[0].num_samples
+    for update in updates[1:]:
+        total += update.weights[key].astype(np.float64) * update.num_samples
+    result: np.ndarray = total / sum(u.num_samples for u in updates)
+    return result
+
+
 @pytest.fixture(autouse=True)
 def three_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     # Split in 3 whatever this machine's CPUs (CI may have 1 or 2).
@@ -42,23 +65,11 @@ def test_split_runs_large_work_on_several_threads_in_order() -> None:
 def test_a_split_fold_has_the_bits_of_the_whole_array_float64_mean(
     counts: tuple[int, ...],
 ) -> None:
-    rng = np.random.default_rng(11)
-    updates = [
-        Update(
-            weights={"big": rng.standard_normal(BIG, dtype=np.float32)},
-            num_samples=c,
-            agent_id=f"a{i}",
-            base_round=0,
-        )
-        for i, c in enumerate(counts)
-    ]
+    updates = _updates({"big": BIG}, counts, seed=11)
     running = RunningMean()
     for update in updates:
         running.add(update, parallel=True)
-    total = updates[0].weights["big"].astype(np.float64) * counts[0]
-    for update in updates[1:]:
-        total += update.weights["big"].astype(np.float64) * update.num_samples
-    expected = total / sum(counts)
+    expected = _float64_mean(updates, "big")
     np.testing.assert_array_equal(running.as_update().weights["big"], expected)
     like = {"big": np.zeros(BIG, np.float32)}
     fast = FedAvg().aggregate(like, [running.as_update(like=like)])["big"]
@@ -92,26 +103,16 @@ def test_split_tensors_covers_each_tensor_once_in_order() -> None:
 
 
 def test_a_fold_of_many_tensors_has_the_bits_of_the_whole_array_mean() -> None:
-    rng = np.random.default_rng(5)
     names = [f"t{i}" for i in range(len(SIZES))]
     shapes = dict(zip(names, SIZES, strict=True))
-    updates = [
-        Update(
-            weights={k: rng.standard_normal(n, dtype=np.float32) for k, n in shapes.items()},
-            num_samples=c,
-            agent_id=f"a{j}",
-            base_round=0,
-        )
-        for j, c in enumerate((3, 1, 7))
-    ]
+    updates = _updates(shapes, (3, 1, 7), seed=5)
     running = RunningMean()
     for update in updates:
         running.add(update, parallel=True)
     like = {k: np.zeros(n, np.float32) for k, n in shapes.items()}
     mean = running.as_update(like=like).weights
     for key in names:
-        total = sum(u.weights[key].astype(np.float64) * u.num_samples for u in updates)
-        np.testing.assert_array_equal(mean[key], (total / 11).astype(np.float32))
+        np.testing.assert_array_equal(mean[key], _float64_mean(updates, key).astype(np.float32))
 
 
 @pytest.mark.parametrize("tensor", [2, 4, 5])
