@@ -125,3 +125,66 @@ def test_check_against_names_the_tensor_with_a_nan(tensor: int) -> None:
         with pytest.raises(ProtocolError, match=f"'t{tensor}' contains NaN or Inf"):
             check_against(weights, spec, parallel=threaded)
     check_against(weights, spec, finite=False)
+
+
+def _mean_of(updates: list[Update], last: set[int], like: dict[str, np.ndarray] | None) -> dict:
+    """Fold the uploads (those at the indices in `last` with ``last=True``) and return the mean."""
+    running = RunningMean()
+    for i, update in enumerate(updates):
+        running.add(update, parallel=True, last=i in last)
+    return running.as_update(like=like).weights
+
+
+@pytest.mark.parametrize("counts", [(3, 1), (1, 1), (3, 1, 7), (2, 5, 1, 4)])
+@pytest.mark.parametrize("with_like", [True, False])
+def test_a_last_upload_folded_with_the_division_has_the_bits_of_fold_then_divide(
+    counts: tuple[int, ...], with_like: bool
+) -> None:
+    # The round-closing upload is kept and folded in the pass that divides (and casts): with
+    # two uploads the float64 sums are never written. The bits must be those of the plain
+    # float64 fold followed by the division, over tensors cut in 3 on threads and in blocks.
+    shapes = {"big": BIG, "small": 7, "block": 65536 + 1}
+    updates = _updates(shapes, counts, seed=3)
+    like = {k: np.zeros(n, np.float32) for k, n in shapes.items()} if with_like else None
+    plain = _mean_of(updates, set(), like)
+    fused = _mean_of(updates, {len(updates) - 1}, like)
+    for key in shapes:
+        expected = _float64_mean(updates, key)
+        if with_like:
+            expected = expected.astype(np.float32)
+        assert fused[key].dtype == expected.dtype
+        np.testing.assert_array_equal(fused[key], expected)
+        np.testing.assert_array_equal(fused[key], plain[key])
+
+
+def test_an_upload_after_a_kept_last_one_folds_it_first_and_as_update_repeats() -> None:
+    # A batch can hold more uploads than the round needs: each one past the threshold is
+    # "last" in turn. The mean must count every upload once, however often it is asked for.
+    shapes = {"big": BIG, "small": 5}
+    updates = _updates(shapes, (2, 3, 1, 6), seed=9)
+    like = {k: np.zeros(n, np.float32) for k, n in shapes.items()}
+    running = RunningMean()
+    for i, update in enumerate(updates):
+        running.add(update, parallel=True, last=i >= 1)
+    assert running.count == 4 and running.num_samples == 12
+    first = running.as_update(like=like).weights
+    again = running.as_update(like=like).weights
+    for key in shapes:
+        expected = _float64_mean(updates, key).astype(np.float32)
+        np.testing.assert_array_equal(first[key], expected)
+        np.testing.assert_array_equal(again[key], expected)
+
+
+def test_a_kept_last_upload_of_another_shape_is_refused_when_added() -> None:
+    updates = _updates({"w": 10}, (1, 1), seed=1)
+    wrong = Update(
+        weights={"w": np.zeros(11, np.float32)}, num_samples=1, agent_id="x", base_round=0
+    )
+    running = RunningMean()
+    running.add(updates[0])
+    with pytest.raises(ValueError, match="another shape"):
+        running.add(wrong, last=True)
+    running.add(updates[1], last=True)  # the refused one changed nothing
+    assert running.count == 2
+    mean = running.as_update(like={"w": np.zeros(10, np.float32)}).weights["w"]
+    np.testing.assert_array_equal(mean, _float64_mean(updates, "w").astype(np.float32))

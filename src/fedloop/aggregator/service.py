@@ -592,8 +592,11 @@ class Aggregator:
     def _hold(self, update: Update) -> None:
         """Keep an accepted upload for aggregation: folded in, or whole for other strategies."""
         if self.streams:
-            # The upload that closes the round is folded on all cores: nothing else runs then.
-            self.running.add(update, parallel=len(self.pending) + 1 >= self.needed())
+            # The upload that closes the round is folded by the aggregation, in the pass that
+            # divides the sums (on all cores: nothing else runs then). An upload of the same
+            # batch that comes after it folds it first.
+            closing = len(self.pending) + 1 >= self.needed()
+            self.running.add(update, parallel=closing, last=closing)
             update = Update(
                 weights={},
                 num_samples=update.num_samples,

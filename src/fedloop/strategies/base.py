@@ -283,6 +283,9 @@ class RunningMean:
         # The first upload is kept as it came (views into its body) and only turned into
         # float64 sums when a second one arrives: one upload needs no float64 copy at all.
         self._first: Update | None = None
+        # The upload that closed a round (``add(..., last=True)``), counted but not folded yet:
+        # as_update folds it and divides in one pass over the model instead of two.
+        self._last: Update | None = None
         self._samples = 0
         self._count = 0
 
@@ -290,6 +293,7 @@ class RunningMean:
         """Forget every upload folded in, keeping the buffers for the next round's uploads."""
         self._sums = {}
         self._first = None
+        self._last = None
         self._samples = 0
         self._count = 0
 
@@ -359,11 +363,17 @@ class RunningMean:
             lambda i, start, stop: _scale_range(*pairs[i], weight, start, stop),
         )
 
-    def add(self, update: Update, parallel: bool = False) -> None:
+    def add(self, update: Update, parallel: bool = False, last: bool = False) -> None:
         """Fold one upload in, in place: one pass over each tensor, no per-upload allocation.
 
         ``parallel``: fold on several threads (`fedloop.parallel`), for the upload that closes
         a round; others arrive while the cores receive more uploads.
+
+        ``last``: the upload that closes the round. It is counted now and folded by
+        as_update, in the same pass that divides the sums into the mean: each block of
+        (sums + n·y) / N is computed while in cache and written once, in the model's dtype,
+        instead of a pass that writes the float64 sums and another that reads them back. With
+        two uploads, the float64 sums are never written at all. Another add() folds it first.
 
         The second upload is folded together with the kept first one, block by block: each
         block of the sum is written once, while in cache (n_1·y_1 + n_2·y_2), instead of a
@@ -373,20 +383,39 @@ class RunningMean:
             self._first = update
             self._samples, self._count = update.num_samples, 1
             return
+        self._check_like(update)
+        if self._last is not None:
+            kept, self._last = self._last, None
+            self._fold(kept, parallel)
+        if last:
+            self._last = update
+        else:
+            self._fold(update, parallel)
+        self._samples += update.num_samples
+        self._count += 1
+
+    def _reference(self, key: str) -> Array:
+        """The tensor `key` that uploads are checked against: the first upload's, or the sum."""
+        if self._first is not None:
+            return np.asarray(self._first.weights[key])
+        return self._sums[key]
+
+    def _check_like(self, update: Update) -> None:
+        """Raise ValueError unless the upload has the tensor names and sizes of the first."""
         names = set(self._first.weights if self._first is not None else self._sums)
         if set(update.weights) != names:
             raise ValueError(f"update from agent {update.agent_id!r} has other tensor names")
-        first = self._first
-        weight = float(update.num_samples)
-        inputs = []
         for key, tensor in update.weights.items():
-            x = np.asarray(tensor).reshape(-1)
-            size = (first.weights[key] if first is not None else self._sums[key]).size
-            if x.size != size:
+            if np.asarray(tensor).size != self._reference(key).size:
                 raise ValueError(
                     f"update from agent {update.agent_id!r}: {key!r} has another shape"
                 )
-            inputs.append((key, x))
+
+    def _fold(self, update: Update, parallel: bool) -> None:
+        """Add n·y of a checked upload into the float64 sums (with the kept first one, if any)."""
+        first = self._first
+        weight = float(update.num_samples)
+        inputs = [(key, np.asarray(t).reshape(-1)) for key, t in update.weights.items()]
         self._first = None
         folds: list[tuple[Array, Array, Array | None, float]] = []
         for key, x in inputs:
@@ -404,8 +433,6 @@ class RunningMean:
             _BLOCK,
             parallel,
         )
-        self._samples += update.num_samples
-        self._count += 1
 
     def _exact_single(self, like: Weights | None) -> Weights | None:
         """Return the one upload's tensors as its mean, if (n*y)/n == y exactly for them all.
@@ -414,7 +441,7 @@ class RunningMean:
         n == 1, so the division gives y back: the same bits as the float64 route, no copy.
         """
         first = self._first
-        if first is None or like is None:
+        if first is None or like is None or self._last is not None:
             return None
         n = first.num_samples
         out: Weights = {}
@@ -427,6 +454,67 @@ class RunningMean:
                 return None
             out[key] = np.asarray(array, dtype=target.dtype)
         return out
+
+    def _mean(self, like: Weights | None) -> Weights:
+        """Return (sums [+ n·y of the kept last upload]) / N: like's dtype where it is floating."""
+        last = self._last
+        if last is None:
+            self._materialize()
+        n = self._samples
+        weights: Weights = {}
+        passes = []
+        for key, tensor in (self._first.weights if self._first is not None else self._sums).items():
+            target = like.get(key) if like is not None else None
+            shape = np.shape(tensor)
+            dtype = np.dtype(np.float64)
+            if target is not None and target.dtype.kind == "f" and target.shape == shape:
+                dtype = target.dtype
+            mean = weights[key] = np.empty(shape, dtype)
+            x = np.asarray(last.weights[key]).reshape(-1) if last is not None else None
+            passes.append((mean.reshape(-1), self._reference(key).reshape(-1), x))
+        first_weight = float(self._first.num_samples) if self._first is not None else None
+        weight = float(last.num_samples) if last is not None else 0.0
+        split_tensors(
+            [out.size for out, _, _ in passes],
+            lambda i, start, stop: self._finish_range(
+                *passes[i], first_weight, weight, n, start, stop
+            ),
+            _BLOCK,
+        )
+        return weights
+
+    def _finish_range(
+        self,
+        out: Array,
+        base: Array,
+        x: Array | None,
+        first_weight: float | None,
+        weight: float,
+        n: int,
+        start: int,
+        stop: int,
+    ) -> None:
+        """out[start:stop] = (base·n_1 or the sums, + n·x when kept) / N, block by block.
+
+        The same float64 operations as a fold into the sums followed by their division, in the
+        same order (IEEE addition commutes): the same bits, but one pass over the model.
+        """
+        if x is None:  # the sums are complete: the division alone
+            np.divide(base[start:stop], n, out=out[start:stop], casting="same_kind")
+            return
+        scratch: Array | None = getattr(self._scratch, "sum", None)
+        if scratch is None:
+            scratch = self._scratch.sum = np.empty(_BLOCK, dtype=np.float64)
+        for at in range(start, stop, _BLOCK):
+            end = min(at + _BLOCK, stop)
+            total = scratch[: end - at]
+            if first_weight is not None:  # the kept first upload: n_1·y_1 + n·x
+                np.multiply(base[at:end], first_weight, out=total, dtype=np.float64)
+                self._add_block(total, x[at:end], weight)
+            else:  # sums + n·x (n·x is exact for n = 1: the fold's own float64 cast of x)
+                np.multiply(x[at:end], weight, out=total, dtype=np.float64)
+                np.add(base[at:end], total, out=total)
+            np.divide(total, n, out=out[at:end], casting="same_kind")
 
     def as_update(
         self,
@@ -447,21 +535,7 @@ class RunningMean:
             raise ValueError("every folded update has num_samples=0")
         weights = self._exact_single(like)
         if weights is None:
-            self._materialize()
-            weights = {}
-            divisions = []
-            for key, total in self._sums.items():
-                target = like.get(key) if like is not None else None
-                if target is not None and target.dtype.kind == "f" and target.shape == total.shape:
-                    mean = weights[key] = np.empty(total.shape, dtype=target.dtype)
-                    divisions.append((total.reshape(-1), mean.reshape(-1)))
-                else:
-                    weights[key] = total / self._samples
-            n = self._samples
-            split_tensors(
-                [out.size for _, out in divisions],
-                lambda i, start, stop: _divide_range(*divisions[i], n, start, stop),
-            )
+            weights = self._mean(like)
         return Update(
             weights=weights,
             num_samples=self._samples,
