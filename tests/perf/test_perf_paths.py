@@ -17,7 +17,7 @@ from fedloop.agent.aio import AsyncAgent, run_agents
 from fedloop.demo import free_port, wait_until_up, write_config
 from fedloop.ml.noop import NoopEngine
 from fedloop.protocol import codec
-from fedloop.sim.core import EngineSpec, ModelBytes
+from fedloop.sim.core import EngineSpec, ModelBytes, ResultFiles
 from fedloop.sim.local import FILE_BYTES, LocalBackend
 from fedloop.store.blobs import BlobStore, HashedBody, blob_id
 from fedloop.store.db import Store, database_url
@@ -161,7 +161,7 @@ def test_running_mean_refuses_an_update_of_another_size() -> None:
         )
 
 
-def test_local_backend_returns_large_local_models_as_files(tmp_path: Path) -> None:
+def test_local_backend_writes_large_local_models_into_files_it_keeps_and_reuses() -> None:
     model_mb = 2 * FILE_BYTES / 1024 / 1024
 
     async def go() -> None:
@@ -170,18 +170,54 @@ def test_local_backend_returns_large_local_models_as_files(tmp_path: Path) -> No
         try:
             initial = await backend.initial_model()
             assert initial is not None
-            results = [r async for r in backend.train(1, ModelBytes.of(initial), {}, [0, 1])]
-            for result in results:
+            first = [r async for r in backend.train(1, ModelBytes.of(initial), {}, [0, 1])]
+            bodies = []
+            for result in first:
                 assert result.path is not None and result.data == b""
-                path = Path(result.path)
                 body = result.body()
                 assert bytes(body) == initial
                 assert getattr(body, "digest", None) == blob_id(initial)
-                assert not path.exists()
+                assert Path(result.path).exists()  # kept for the next round
+                bodies.append(body)
+            # Agent 0's model is still viewed (an upload kept for the aggregation, say):
+            # its file must not be handed out again. Agent 1's is free.
+            held = np.frombuffer(bodies[0], dtype=np.uint8)
+            kept_path, free_path = first[0].path, first[1].path
+            del bodies, body
+            weights = codec.decode(initial)
+            other = codec.encode({k: np.asarray(v) + 1 for k, v in weights.items()})
+            second = [r async for r in backend.train(2, ModelBytes.of(other), {}, [0, 1])]
+            paths = {r.path for r in second}
+            assert free_path in paths and kept_path not in paths
+            for result in second:
+                body = result.body()
+                assert bytes(body) == other
+                assert getattr(body, "digest", None) == blob_id(other)
+            assert held.tobytes() == initial  # not overwritten while viewed
         finally:
             await backend.stop()
 
     asyncio.run(go())
+
+
+def test_result_files_are_handed_out_while_free_and_up_to_the_cap(tmp_path: Path) -> None:
+    files = ResultFiles(tmp_path, keep_bytes=3 * FILE_BYTES)
+    a, b, c = files.take(3, FILE_BYTES + 10)
+    assert a is not None and b is not None and c is None  # a third is past the cap
+    assert files.take(1, FILE_BYTES) == [None]  # both are out with their tasks
+    for path in (a, b):
+        Path(path).write_bytes(bytes(FILE_BYTES + 10))
+    body_a, body_b = files.open(a, FILE_BYTES + 10, "x"), files.open(b, FILE_BYTES + 10, None)
+    assert body_a.digest == "x" and len(body_b) == FILE_BYTES + 10
+    view = memoryview(body_a)
+    del body_a, body_b
+    assert files.take(2, FILE_BYTES) == [b, None]  # a is viewed
+    view.release()
+    assert files.take(1, FILE_BYTES) == [a]
+    files.give_back(b)  # its task wrote nothing into it
+    assert files.take(1, FILE_BYTES) == [b]
+    Path(a).write_bytes(bytes(FILE_BYTES))  # a smaller model: mapped again at its size
+    assert len(files.open(a, FILE_BYTES, None)) == FILE_BYTES
 
 
 def test_running_mean_reuses_its_buffers_across_rounds_with_the_same_results() -> None:

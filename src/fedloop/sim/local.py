@@ -34,6 +34,7 @@ from fedloop.sim.core import (
     AgentResult,
     EngineSpec,
     ModelBytes,
+    ResultFiles,
     initial_model,
     train_agent,
 )
@@ -62,12 +63,16 @@ def _worker_weights(path: str) -> Weights:
 
 
 def _worker_train(
-    path: str, results_dir: str, config: Mapping[str, Any], indices: list[int]
+    path: str, results_dir: str, config: Mapping[str, Any], jobs: list[tuple[int, str | None]]
 ) -> list[AgentResult]:
+    """Train each (agent index, result file) job; a job without a file writes a new one."""
     assert _worker_spec is not None, "worker started without _init_worker"
     weights = _worker_weights(path)
     directory = Path(results_dir)
-    return [train_agent(_worker_spec, i, weights, config, to_dir=directory) for i in indices]
+    return [
+        train_agent(_worker_spec, i, weights, config, to_dir=directory, to_file=file)
+        for i, file in jobs
+    ]
 
 
 def _worker_initial() -> bytes | None:
@@ -115,6 +120,7 @@ class LocalBackend:
         self._executor: Executor | None = None
         self._spec: EngineSpec | None = None
         self._tmp: Path | None = None
+        self._files: ResultFiles | None = None
 
     def describe(self) -> str:
         plural = "es" if self.pool == "process" else "s"
@@ -126,6 +132,7 @@ class LocalBackend:
             self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="fedloop-sim")
         else:
             self._tmp = Path(tempfile.mkdtemp(prefix="fedloop-sim-", dir=_scratch_root()))
+            self._files = ResultFiles(self._tmp)
             self._executor = ProcessPoolExecutor(
                 self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
@@ -156,6 +163,7 @@ class LocalBackend:
         chunks = [list(indices[i : i + size]) for i in range(0, len(indices), size)]
         config = dict(config)
         written: Path | None = None  # a copy of the global model this round wrote itself
+        kept: dict[int, str] = {}  # agent index → the kept result file it writes into
         if self.pool == "thread":
             weights = model.weights()
             futures = [
@@ -163,18 +171,26 @@ class LocalBackend:
                 for c in chunks
             ]
         else:
-            assert self._tmp is not None
+            assert self._tmp is not None and self._files is not None
             path = model.path
             if path is None:  # no stored file to map: write the pieces once
                 path = written = self._tmp / f"global-{round_number}.safetensors"
                 with path.open("wb") as handle:
                     for part in model.parts:
                         handle.write(part)
+            # Local models are the global model's size: kept files for those that fit.
+            files = iter(
+                self._files.take(len(indices), model.nbytes)
+                if model.nbytes >= FILE_BYTES
+                else [None] * len(indices)
+            )
+            jobs = [[(i, next(files)) for i in c] for c in chunks]
+            kept = {i: file for job in jobs for i, file in job if file is not None}
             futures = [
                 loop.run_in_executor(
-                    self._executor, _worker_train, str(path), str(self._tmp), config, c
+                    self._executor, _worker_train, str(path), str(self._tmp), config, j
                 )
-                for c in chunks
+                for j in jobs
             ]
         try:
             for next_done in asyncio.as_completed(futures):
@@ -183,6 +199,8 @@ class LocalBackend:
                 except BrokenProcessPool as exc:
                     raise _broken(exc) from None
                 for result in results:
+                    if self._files is not None:
+                        self._hand_over(result, kept)
                     yield result
         finally:
             for future in futures:
@@ -190,10 +208,18 @@ class LocalBackend:
             if written is not None:
                 written.unlink(missing_ok=True)
 
+    def _hand_over(self, result: AgentResult, kept: dict[int, str]) -> None:
+        """Let the result open its kept file; take back one its worker did not write into."""
+        assert self._files is not None
+        result.files = self._files
+        file = kept.get(result.index)
+        if result.path is None and file is not None:
+            self._files.give_back(file)
+
     async def stop(self) -> None:
         if self._executor is not None:
             executor, self._executor = self._executor, None
             await asyncio.to_thread(executor.shutdown, True, cancel_futures=True)
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
+            self._tmp = self._files = None
