@@ -185,6 +185,28 @@ def stop(processes: list[subprocess.Popen[bytes]]) -> None:
             process.wait()
 
 
+def _busy_ticks() -> tuple[int, int]:
+    """Return (busy, total) CPU ticks of the whole machine so far, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def settle(limit: float = 30.0, busy_below: float = 0.1) -> float:
+    """Wait until the machine's CPUs are idle (the last run's processes, e.g. Ray's raylet and
+    GCS after a Flower simulation, take seconds to exit); return the seconds waited."""
+    started = time.monotonic()
+    if not Path("/proc/stat").exists():
+        return 0.0
+    while time.monotonic() - started < limit:
+        busy0, total0 = _busy_ticks()
+        time.sleep(0.5)
+        busy1, total1 = _busy_ticks()
+        if total1 > total0 and (busy1 - busy0) / (total1 - total0) < busy_below:
+            break
+    return round(time.monotonic() - started, 1)
+
+
 def log_tail(path: Path, lines: int = 5) -> str:
     try:
         return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
@@ -538,13 +560,18 @@ def main() -> None:
             fedloop: dict[str, Any] = {"skipped": "--only flower"}
             flower: dict[str, Any] = {"skipped": "--only fedloop"}
             if "fedloop" in systems and mode == "sim":
+                waited = settle()
                 fedloop = run_fedloop_sim(agents, model_mb, rounds, args.case_timeout)
                 fedloop["driver"] = fedloop_sim_driver()
+                fedloop["settled_s"] = waited
             elif "fedloop" in systems:
+                waited = settle()
                 fedloop = run_fedloop_deploy(agents, model_mb, rounds, args.case_timeout)
                 fedloop["driver"] = f"{agents} agent processes + aggregator process"
+                fedloop["settled_s"] = waited
             if "flower" in systems:
                 assert flower_python is not None
+                waited = settle()
                 flower = run_flower(
                     flower_python, mode, agents, model_mb, rounds, args.case_timeout
                 )
@@ -552,6 +579,7 @@ def main() -> None:
                     "legacy start_simulation (Ray)" if mode == "sim"
                     else f"legacy start_server + {agents} start_client processes (grpc-bidi)"
                 )  # fmt: skip
+                flower["settled_s"] = waited
             line["fedloop"], line["flower"] = fedloop, flower
             f_s, w_s = fedloop.get("seconds_per_round"), flower.get("seconds_per_round")
             f_m, w_m = fedloop.get("server_peak_rss_mb"), flower.get("server_peak_rss_mb")
