@@ -46,6 +46,26 @@ class Boom:
         return weights, 1, {}
 
 
+class NaNAgent:
+    """Agent 2 returns a model with one NaN in its last tensor; `elements` float32 values each."""
+
+    def __init__(self, agent_index: int, num_agents: int, elements: int = 8) -> None:
+        self.index, self.elements = agent_index, elements
+
+    def initial_weights(self) -> Weights:
+        half = self.elements // 2
+        return {"a": np.ones(half, np.float32), "b": np.ones(self.elements - half, np.float32)}
+
+    def train(
+        self, weights: Weights, config: Mapping[str, Any]
+    ) -> tuple[Weights, int, dict[str, float]]:
+        if self.index != 2:
+            return weights, 1, {}
+        bad = {k: np.array(v) for k, v in weights.items()}
+        bad["b"][-1] = np.nan
+        return bad, 1, {}
+
+
 def records(data_dir: Path) -> tuple[dict[str, str], list[Any]]:
     store = Store(database_url(data_dir, None))
     try:
@@ -93,6 +113,25 @@ def test_a_failing_agent_stops_the_run_with_its_index_and_error(tmp_path: Path) 
     with pytest.raises(AgentFailed, match=r"virtual agent 3 failed in train.*corrupt") as info:
         run(settings, LocalBackend(2, "process"))
     assert "Traceback" in info.value.details
+
+
+# 8 values go back as bytes through the pool; 1 M (4 MiB) in a result file the worker checks.
+@pytest.mark.parametrize("elements", [8, 1 << 20])
+def test_a_local_model_with_a_nan_is_refused_and_stops_the_run(
+    tmp_path: Path, elements: int
+) -> None:
+    settings = SimSettings(
+        f"{__name__}:NaNAgent",
+        num_agents=4,
+        rounds=2,
+        params={"elements": elements},
+        data_dir=tmp_path / "n",
+        evaluate=False,
+    )
+    with pytest.raises(AgentFailed, match=r"refused virtual agent 2's .*'b' contains NaN"):
+        run(settings, LocalBackend(2, "process"))
+    _, models = records(tmp_path / "n")
+    assert [m.round for m in models] == [0]  # no global model was made of it
 
 
 def test_an_earlier_run_is_kept_unless_overwrite(tmp_path: Path) -> None:

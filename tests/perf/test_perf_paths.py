@@ -177,6 +177,7 @@ def test_local_backend_writes_large_local_models_into_files_it_keeps_and_reuses(
                 body = result.body()
                 assert bytes(body) == initial
                 assert getattr(body, "digest", None) == blob_id(initial)
+                assert getattr(body, "finite", False)  # the worker checked the values
                 assert Path(result.path).exists()  # kept for the next round
                 bodies.append(body)
             # Agent 0's model is still viewed (an upload kept for the aggregation, say):
@@ -207,8 +208,10 @@ def test_result_files_are_handed_out_while_free_and_up_to_the_cap(tmp_path: Path
     assert files.take(1, FILE_BYTES) == [None]  # both are out with their tasks
     for path in (a, b):
         Path(path).write_bytes(bytes(FILE_BYTES + 10))
-    body_a, body_b = files.open(a, FILE_BYTES + 10, "x"), files.open(b, FILE_BYTES + 10, None)
-    assert body_a.digest == "x" and len(body_b) == FILE_BYTES + 10
+    body_a = files.open(a, FILE_BYTES + 10, "x", True)
+    body_b = files.open(b, FILE_BYTES + 10, None, False)
+    assert body_a.digest == "x" and body_a.finite and not body_b.finite
+    assert len(body_b) == FILE_BYTES + 10
     view = memoryview(body_a)
     del body_a, body_b
     assert files.take(2, FILE_BYTES) == [b, None]  # a is viewed
@@ -217,7 +220,7 @@ def test_result_files_are_handed_out_while_free_and_up_to_the_cap(tmp_path: Path
     files.give_back(b)  # its task wrote nothing into it
     assert files.take(1, FILE_BYTES) == [b]
     Path(a).write_bytes(bytes(FILE_BYTES))  # a smaller model: mapped again at its size
-    assert len(files.open(a, FILE_BYTES, None)) == FILE_BYTES
+    assert len(files.open(a, FILE_BYTES, None, False)) == FILE_BYTES
 
 
 def test_running_mean_reuses_its_buffers_across_rounds_with_the_same_results() -> None:

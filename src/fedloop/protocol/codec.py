@@ -281,10 +281,13 @@ def check_against(
         )
 
 
-def decode_checked(data: Bytes, spec: ModelSpec | None) -> Weights:
-    """Return the decoded model after checking it against `spec` (or only for finiteness)."""
+def decode_checked(data: Bytes, spec: ModelSpec | None, finite: bool = True) -> Weights:
+    """Return the decoded model after checking it against `spec` (or only for finiteness).
+
+    ``finite=False`` leaves out the pass over the values, for bytes whose writer checked them.
+    """
     weights = decode(data)
     if not weights:
         raise ProtocolError("model has no tensors", 422, "empty_model")
-    check_against(weights, spec if spec is not None else ModelSpec.of(weights))
+    check_against(weights, spec if spec is not None else ModelSpec.of(weights), finite=finite)
     return weights

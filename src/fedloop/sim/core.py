@@ -180,6 +180,7 @@ class AgentResult:
     path: str | None = None
     digest: str | None = None
     nbytes: int = 0  # the local model's size, in `data` or in the file
+    finite: bool = False  # the worker found every floating value of the file finite
     # Set by the driver (never pickled): the backend's kept result files the path is one of.
     files: ResultFiles | None = field(default=None, repr=False, compare=False)
 
@@ -193,9 +194,11 @@ class AgentResult:
         if self.path is None:
             return self.data
         if self.files is not None and self.files.holds(self.path):
-            return self.files.open(self.path, self.nbytes, self.digest)
+            return self.files.open(self.path, self.nbytes, self.digest, self.finite)
         path = Path(self.path)
         body = map_file(path, self.digest)
+        if isinstance(body, MappedBody):
+            body.finite = self.finite
         path.unlink(missing_ok=True)
         self.path = None
         return body
@@ -256,8 +259,9 @@ class ResultFiles:
         """Take back a file whose task wrote nothing into it (a model under FILE_BYTES)."""
         self._out.discard(path)
 
-    def open(self, path: str, nbytes: int, digest: str | None) -> MappedBody:
-        """Return the map of a file a worker wrote `nbytes` into, with their content address."""
+    def open(self, path: str, nbytes: int, digest: str | None, finite: bool) -> MappedBody:
+        """Return the map of a file a worker wrote `nbytes` into, with their content address
+        and whether the worker found every value finite."""
         self._out.discard(path)
         body = self._maps[path]
         if body is None or len(body) != nbytes:  # first use, or another size: map it again
@@ -265,7 +269,7 @@ class ResultFiles:
             assert isinstance(mapped, MappedBody), "a result file under FILE_BYTES"
             body = self._maps[path] = mapped
             self._sizes[path] = nbytes
-        body.digest = digest
+        body.digest, body.finite = digest, finite
         return body
 
 
@@ -294,6 +298,7 @@ def train_agent(
     started = time.perf_counter()
     engine = build_engine(spec, index)
     path = digest = None
+    finite = False
     try:
         new, num_samples, metrics = engine.train(weights, dict(config))
         parts = codec.encode_parts(new)
@@ -303,6 +308,10 @@ def train_agent(
                 assert to_dir is not None
                 to_file = str(to_dir / f"local-{os.getpid()}-{index}-{time.monotonic_ns()}.st")
             path, digest = to_file, _write_parts(to_file, parts)
+            # Checked here, on arrays still in this core's cache, not by the busy driver.
+            finite = all(
+                codec.all_finite(a) for a in map(np.asarray, new.values()) if a.dtype.kind == "f"
+            )
             data = b""
         else:
             data = b"".join(parts)
@@ -322,6 +331,7 @@ def train_agent(
         path=path,
         digest=digest,
         nbytes=nbytes,
+        finite=finite,
     )
 
 

@@ -57,6 +57,10 @@ class MappedBody(mmap.mmap):
     """
 
     digest: str | None = None
+    # Set by fedloop code that checked every floating value of these bytes is finite as it
+    # wrote them (a simulation worker, on the arrays still in its cache): the aggregator then
+    # checks names, shapes and dtypes only. Bytes from the network never have it.
+    finite: bool = False
 
 
 def map_file(path: str | Path, digest: str | None = None) -> MappedBody | bytes:
