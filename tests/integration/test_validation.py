@@ -119,3 +119,15 @@ def test_push_refuses_unknown_agent(server: Server) -> None:
     ws_url = server.url.replace("http://", "ws://") + "/v1/ws?agent_id=nobody"
     with pytest.raises((InvalidStatus, WebSocketException)), connect(ws_url) as ws:
         ws.recv(timeout=5)
+
+
+def test_push_connections_are_not_compressed(server: Server) -> None:
+    # A client that offers permessage-deflate (websockets does by default) gets none: push
+    # messages are a few dozen bytes, and each compressed connection holds zlib state.
+    from websockets.sync.client import connect
+
+    agent_id = AggregatorClient(server.url).register("site-a", GOOD).agent_id
+    ws_url = server.url.replace("http://", "ws://") + f"/v1/ws?agent_id={agent_id}"
+    with connect(ws_url) as ws:
+        assert "permessage-deflate" in (ws.request.headers.get("Sec-WebSocket-Extensions") or "")
+        assert ws.response.headers.get("Sec-WebSocket-Extensions") is None

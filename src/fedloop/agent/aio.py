@@ -208,6 +208,7 @@ class AsyncAgent:
                     close_timeout=1,
                     ssl=(self.tls or ssl.create_default_context()) if secure else None,
                     additional_headers=self._auth(),
+                    compression=None,  # tiny JSON messages: no zlib state per connection
                 ) as ws:
                     self._push_connected, delay = True, 0.1
                     async for raw in ws:

@@ -461,6 +461,7 @@ class PushListener:
                     close_timeout=1,
                     ssl=(self.tls or ssl.create_default_context()) if secure else None,
                     additional_headers=auth_header(self.token),
+                    compression=None,  # tiny JSON messages: no zlib state per connection
                 ) as ws:
                     self.connected, delay = True, 0.1
                     while not self._stop.is_set():
