@@ -202,6 +202,7 @@ def test_local_backend_writes_large_local_models_into_files_it_keeps_and_reuses(
 
 
 def test_result_files_are_handed_out_while_free_and_up_to_the_cap(tmp_path: Path) -> None:
+    assert 0 < ResultFiles(tmp_path).keep_bytes <= 2 << 30  # 1/16 of memory, at most 2 GiB
     files = ResultFiles(tmp_path, keep_bytes=3 * FILE_BYTES)
     a, b, c = files.take(3, FILE_BYTES + 10)
     assert a is not None and b is not None and c is None  # a third is past the cap

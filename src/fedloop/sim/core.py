@@ -204,6 +204,15 @@ class AgentResult:
         return body
 
 
+def _default_keep_bytes() -> int:
+    """1/16 of this machine's memory, at most 2 GiB: 1.5 GiB on the 24 GiB VM of the bench."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that says
+        memory = 8 << 30
+    return min(2 << 30, memory // 16)
+
+
 class ResultFiles:
     """Files that worker processes write local models into, kept and reused round after round.
 
@@ -213,13 +222,15 @@ class ResultFiles:
     reads them through the map it already has (4 MB: 1.47 → 0.62 ms to write, map and check a
     model; 100 MB: 56 → 38 ms). A file goes to a task again only when nothing views its map
     any more (an upload kept for the aggregation, a global model that is one upload's
-    tensors, …). At most `keep_bytes` of files are kept; agents past that in a round get a
-    new file each, unlinked once mapped, as before.
+    tensors, …). At most `keep_bytes` of files are kept (default: 1/16 of the machine's
+    memory, at most 2 GiB); agents past that in a round get a new file each, unlinked once
+    mapped, as before. The kept files are memory (/dev/shm) and count in the driver's RSS once
+    it has read them.
     """
 
-    def __init__(self, directory: Path, keep_bytes: int = 512 * 1024 * 1024) -> None:
+    def __init__(self, directory: Path, keep_bytes: int | None = None) -> None:
         self.directory = directory
-        self.keep_bytes = keep_bytes
+        self.keep_bytes = _default_keep_bytes() if keep_bytes is None else keep_bytes
         self._maps: dict[str, MappedBody | None] = {}  # every kept file: its map once opened
         self._sizes: dict[str, int] = {}  # what each file last held
         self._out: set[str] = set()  # handed to a task, its result not opened yet
