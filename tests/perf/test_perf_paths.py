@@ -4,6 +4,7 @@ the in-place running mean, simulation results passed as files."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -195,6 +196,20 @@ def test_local_backend_writes_large_local_models_into_files_it_keeps_and_reuses(
                 assert bytes(body) == other
                 assert getattr(body, "digest", None) == blob_id(other)
             assert held.tobytes() == initial  # not overwritten while viewed
+        finally:
+            await backend.stop()
+
+    asyncio.run(go())
+
+
+def test_every_worker_process_is_up_before_the_first_round() -> None:
+    # A pool spawns processes on demand; one starting during the first rounds takes a core
+    # from them. start() returns once each worker ran a task (one each: they wait for all).
+    async def go() -> None:
+        backend = LocalBackend(workers=3)
+        await backend.start(EngineSpec("fedloop.ml.noop:NoopEngine", 2, {"model_mb": 0.01}))
+        try:
+            assert len(backend.pids) == 3 and os.getpid() not in backend.pids
         finally:
             await backend.stop()
 
