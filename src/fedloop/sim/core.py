@@ -248,19 +248,16 @@ class ResultFiles:
 
     def take(self, count: int, nbytes: int) -> list[str | None]:
         """Return a file for each of `count` local models of about `nbytes`; None past the cap."""
-        free = [p for p in self._maps if self._free(p)]
+        free = iter([p for p in self._maps if self._free(p)])
         held = sum(self._sizes[p] for p in self._maps)
         out: list[str | None] = []
         for _ in range(count):
-            if free:
-                path: str | None = free.pop(0)
-            elif held + nbytes <= self.keep_bytes:
+            path = next(free, None)
+            if path is None and held + nbytes <= self.keep_bytes:  # a new file, under the cap
                 path = str(self.directory / f"result-{self._made}.safetensors")
                 self._made += 1
                 self._maps[path], self._sizes[path] = None, nbytes
                 held += nbytes
-            else:
-                path = None
             if path is not None:
                 self._out.add(path)
             out.append(path)

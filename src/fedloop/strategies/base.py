@@ -500,7 +500,7 @@ class RunningMean:
         same order (IEEE addition commutes): the same bits, but one pass over the model.
         """
         if x is None:  # the sums are complete: the division alone
-            np.divide(base[start:stop], n, out=out[start:stop], casting="same_kind")
+            _divide_range(base, out, n, start, stop)
             return
         scratch: Array | None = getattr(self._scratch, "sum", None)
         if scratch is None:
