@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from fedloop.aggregator import metrics, openapi
+from fedloop.aggregator.direct import EXTENSION, DirectBody
 from fedloop.aggregator.secure import routes as secure_routes
 from fedloop.aggregator.service import Aggregator, Principal
 from fedloop.config import AggregatorConfig
@@ -111,7 +112,8 @@ async def read_body(request: Request, limit: int, pool: BodyPool | None = None) 
 
     The body is a `HashedBody`: its content address is computed chunk by chunk as it streams in, so
     storing it as a blob does not read 100s of MB a second time. With a `pool`, a body of
-    known size goes into a reused buffer (no zero-fill, no page faults).
+    known size goes into a reused buffer (no zero-fill, no page faults); a large one is read
+    by the socket straight into it where the server offers that (`direct.DirectBody`).
     """
     hasher = new_hasher()
     declared = request.headers.get("content-length")
@@ -128,6 +130,12 @@ async def read_body(request: Request, limit: int, pool: BodyPool | None = None) 
             )
         # Known size: one allocation, filled in place (no regrowth copies of a large model).
         body = pool.acquire(size) if pool is not None else HashedBody(size)
+        direct = request.scope.get("extensions", {}).get(EXTENSION)
+        if isinstance(direct, DirectBody) and direct.size == size:
+            with memoryview(body) as view:
+                await direct.read_into(view, hasher.update)
+            body.digest = hasher.hexdigest()
+            return body
         view, filled = memoryview(body), 0
         async for chunk in request.stream():
             end = filled + len(chunk)

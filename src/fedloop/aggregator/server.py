@@ -10,6 +10,7 @@ import ssl
 
 import uvicorn
 
+from fedloop.aggregator import direct
 from fedloop.aggregator.app import create_app
 from fedloop.config import AggregatorConfig
 from fedloop.errors import ConfigError
@@ -55,7 +56,8 @@ def serve(config: AggregatorConfig) -> None:
             host=config.host,
             port=config.port,
             loop=loop,
-            http=http,
+            # With httptools, large request bodies are read straight into their buffers.
+            http=direct.protocol_class() if http == "httptools" else http,
             log_level=config.log_level,
             access_log=False,
             lifespan="on",
