@@ -337,3 +337,18 @@ def test_server_uses_uvloop_and_httptools_when_installed_else_asyncio_and_h11(
         lambda name, *a: None if name in ("uvloop", "httptools") else real(name, *a),
     )
     assert server.event_loop_and_parser() == ("asyncio", "h11")
+
+
+def test_the_aggregator_serves_with_the_direct_body_protocol_when_httptools_is_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uvicorn
+
+    from fedloop.aggregator import direct, server
+    from fedloop.config import AggregatorConfig
+
+    seen: list[object] = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: seen.append(self.config.http))
+    server.serve(AggregatorConfig(port=free_port(), data_dir=tmp_path / "data"))
+    _, http = server.event_loop_and_parser()
+    assert seen == [direct.protocol_class() if http == "httptools" else "h11"]
