@@ -167,7 +167,7 @@ class AgentResult:
     """One virtual agent's round: its local model as safetensors bytes, samples and metrics.
 
     A worker process may leave the bytes in a file instead (``path``, ``data`` empty, with
-    their content address in ``digest``), so 100s of MB do not travel pickled through a pipe;
+    their content address in ``digest``), so 100s of MB do not travel through a socket;
     `body()` returns them either way (the file memory-mapped: no copy).
     """
 

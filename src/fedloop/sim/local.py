@@ -2,38 +2,38 @@
 
 Processes are the default: most engines hold Python's GIL for much of a small model's
 training step, so threads serialise (see docs/simulation.md for the measurement). Workers are
-started with ``spawn`` (never ``fork`` from a process running an event loop and SQLite), each
-builds the engine spec once, and reads the round's global model once from a file the driver
-writes — a task carries only agent indices. Local models of `FILE_BYTES` or more come back the
-same way: the worker writes each to a file (in /dev/shm when there is one: memory, no disk)
-with its content address, and only the path travels through the pool's pipe, instead of 100s of MB
-pickled, copied through the pipe and unpickled, then hashed again by the driver. Agents go to
-workers in chunks, small enough that a chunk's local models stay under `CHUNK_BYTES`, so
-thousands of tiny agents do not pay one inter-process round trip each.
+started with ``spawn`` (never ``fork`` from a process running an event loop and SQLite) and
+spoken to in JSON over their own sockets (`fedloop.sim.workers`); each builds the engine spec
+once, and reads the round's global model once from a file the driver writes — a task carries
+only agent indices. Local models of `FILE_BYTES` or more come back the same way: the worker
+writes each to a file (in /dev/shm when there is one: memory, no disk) with its content
+address, and only the path travels through the socket, instead of 100s of MB copied through
+it, then hashed again by the driver. Agents go to workers in chunks, small enough that a
+chunk's local models stay under `CHUNK_BYTES`, so thousands of tiny agents do not pay one
+inter-process round trip each.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
-import multiprocessing
 import os
 import shutil
+import socket
 import tempfile
-import threading
 from collections.abc import AsyncIterator, Mapping, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
 from fedloop._loading import import_object
 from fedloop.errors import ConfigError, FedloopError
 from fedloop.protocol import codec
+from fedloop.sim import workers
 from fedloop.sim.core import (
     CHUNK_BYTES,
     FILE_BYTES,
+    AgentFailed,
     AgentResult,
     EngineSpec,
     ModelBytes,
@@ -41,6 +41,7 @@ from fedloop.sim.core import (
     initial_model,
     train_agent,
 )
+from fedloop.sim.workers import WorkerPool
 from fedloop.store.blobs import map_file
 from fedloop.types import Weights
 
@@ -52,28 +53,61 @@ _worker_spec: EngineSpec | None = None
 _worker_global: tuple[str, Weights] | None = None
 
 
-def _init_worker(spec: EngineSpec, started: Any = None) -> None:
-    global _worker_spec, _worker_started
-    _worker_spec, _worker_started = spec, started
+def _worker_main(sock: socket.socket, spec: EngineSpec) -> None:
+    """A worker process: import the engine's module, then answer the driver's requests."""
+    global _worker_spec
+    _worker_spec = spec
+    workers.serve(sock, _handle, lambda: import_object(spec.factory))
 
 
-# A barrier of all the pool's workers, for `_worker_ready` (None in a replaced worker).
-_worker_started: Any = None
+def _handle(op: str, request: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+    assert _worker_spec is not None, "worker started without a spec"
+    if op == "initial":
+        data = initial_model(_worker_spec)
+        return {"initial": data is not None}, data or b""
+    if op != "train":
+        raise FedloopError(f"a simulation worker got an unknown request {op!r}")
+    jobs = [(int(i), file) for i, file in request["jobs"]]
+    results = _worker_train(request["path"], request["results_dir"], request["config"], jobs)
+    return {"results": [_result_header(r) for r in results]}, b"".join(r.data for r in results)
 
 
-def _worker_ready() -> int:
-    """Wait until every worker of the pool runs one of these, then import the engine's module.
+def _result_header(result: AgentResult) -> dict[str, Any]:
+    return {
+        "index": result.index,
+        "bytes": len(result.data),
+        "num_samples": result.num_samples,
+        "metrics": result.metrics,
+        "seconds": result.seconds,
+        "worker_rss_mb": result.worker_rss_mb,
+        "path": result.path,
+        "digest": result.digest,
+        "nbytes": result.nbytes,
+        "finite": result.finite,
+    }
 
-    Each of the pool's processes is started and has its imports done before round 1: a pool
-    spawns its processes on demand, and one starting during the first rounds took a core from
-    them (simulation 2 × 4 MB: the first ~14 rounds 13–30 ms instead of 9).
-    """
-    assert _worker_spec is not None, "worker started without _init_worker"
-    if _worker_started is not None:  # a worker that did not come up: round 1 will say why
-        with contextlib.suppress(threading.BrokenBarrierError):
-            _worker_started.wait(timeout=120)
-    import_object(_worker_spec.factory)
-    return os.getpid()
+
+def _results(header: dict[str, Any], payload: bytes) -> list[AgentResult]:
+    """Return the results of a worker's answer to a train request."""
+    out, offset = [], 0
+    for item in header["results"]:
+        size = int(item["bytes"])
+        out.append(
+            AgentResult(
+                index=int(item["index"]),
+                data=payload[offset : offset + size] if size else b"",
+                num_samples=int(item["num_samples"]),
+                metrics={str(k): float(v) for k, v in item["metrics"].items()},
+                seconds=float(item["seconds"]),
+                worker_rss_mb=float(item["worker_rss_mb"]),
+                path=item["path"],
+                digest=item["digest"],
+                nbytes=int(item["nbytes"]),
+                finite=bool(item["finite"]),
+            )
+        )
+        offset += size
+    return out
 
 
 def _worker_weights(path: str) -> Weights:
@@ -88,7 +122,7 @@ def _worker_train(
     path: str, results_dir: str, config: Mapping[str, Any], jobs: list[tuple[int, str | None]]
 ) -> list[AgentResult]:
     """Train each (agent index, result file) job; a job without a file writes a new one."""
-    assert _worker_spec is not None, "worker started without _init_worker"
+    assert _worker_spec is not None, "worker started without a spec"
     weights = _worker_weights(path)
     directory = Path(results_dir)
     return [
@@ -97,23 +131,10 @@ def _worker_train(
     ]
 
 
-def _worker_initial() -> bytes | None:
-    assert _worker_spec is not None, "worker started without _init_worker"
-    return initial_model(_worker_spec)
-
-
 def _threads_train(
     spec: EngineSpec, weights: Weights, config: Mapping[str, Any], indices: list[int]
 ) -> list[AgentResult]:
     return [train_agent(spec, i, weights, config) for i in indices]
-
-
-def _broken(exc: BrokenProcessPool) -> FedloopError:
-    return FedloopError(
-        f"a simulation worker process died ({exc}): out of memory, a crash in native code, or a "
-        "script without `if __name__ == '__main__':` around the run (workers are spawned and "
-        "import the main module); fix that, or try --pool thread"
-    )
 
 
 def _scratch_root() -> str | None:
@@ -139,7 +160,8 @@ class LocalBackend:
             raise ConfigError(f"--pool must be process or thread, not {pool!r}")
         self.workers = workers or os.cpu_count() or 1
         self.pool: Pool = pool
-        self._executor: Executor | None = None
+        self._threads: ThreadPoolExecutor | None = None
+        self._processes: WorkerPool | None = None
         self._spec: EngineSpec | None = None
         self._tmp: Path | None = None
         self._files: ResultFiles | None = None
@@ -152,36 +174,31 @@ class LocalBackend:
     async def start(self, spec: EngineSpec) -> None:
         self._spec = spec
         if self.pool == "thread":
-            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="fedloop-sim")
-        else:
-            self._tmp = Path(tempfile.mkdtemp(prefix="fedloop-sim-", dir=_scratch_root()))
-            self._files = ResultFiles(self._tmp)
-            context = multiprocessing.get_context("spawn")
-            self._executor = ProcessPoolExecutor(
-                self.workers,
-                mp_context=context,
-                initializer=_init_worker,
-                initargs=(spec, context.Barrier(self.workers)),
-            )
-            # One task per worker, each waiting for all: every submit spawns a process.
-            loop = asyncio.get_running_loop()
-            ready = [
-                loop.run_in_executor(self._executor, _worker_ready) for _ in range(self.workers)
-            ]
-            try:
-                self.pids = set(await asyncio.gather(*ready))
-            except BrokenProcessPool as exc:
-                raise _broken(exc) from None
+            self._threads = ThreadPoolExecutor(self.workers, thread_name_prefix="fedloop-sim")
+            return
+        self._tmp = Path(tempfile.mkdtemp(prefix="fedloop-sim-", dir=_scratch_root()))
+        self._files = ResultFiles(self._tmp)
+        # Every worker is started, and has imported the engine's module, before round 1: one
+        # starting during the first rounds would take a core from them.
+        self._processes = WorkerPool(
+            self.workers, _worker_main, (spec,), errors={"AgentFailed": AgentFailed}
+        )
+        try:
+            await self._processes.start()
+        except BaseException:
+            await self._processes.stop()
+            self._processes = None
+            raise
+        self.pids = set(self._processes.pids)
 
     async def initial_model(self) -> bytes | None:
-        assert self._executor is not None and self._spec is not None, "start() first"
-        loop = asyncio.get_running_loop()
-        if self.pool == "thread":
-            return await loop.run_in_executor(self._executor, initial_model, self._spec)
-        try:
-            return await loop.run_in_executor(self._executor, _worker_initial)
-        except BrokenProcessPool as exc:
-            raise _broken(exc) from None
+        assert self._spec is not None, "start() first"
+        if self._threads is not None:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._threads, initial_model, self._spec)
+        assert self._processes is not None, "start() first"
+        header, payload = await self._processes.call({"op": "initial"})
+        return payload if header["initial"] else None
 
     async def train(
         self,
@@ -190,54 +207,58 @@ class LocalBackend:
         config: Mapping[str, Any],
         indices: Sequence[int],
     ) -> AsyncIterator[AgentResult]:
-        assert self._executor is not None and self._spec is not None, "start() first"
-        loop = asyncio.get_running_loop()
+        assert self._spec is not None, "start() first"
         size = chunk_size(len(indices), self.workers, model.nbytes)
         chunks = [list(indices[i : i + size]) for i in range(0, len(indices), size)]
-        config = dict(config)
-        written: Path | None = None  # a copy of the global model this round wrote itself
-        kept: dict[int, str] = {}  # agent index → the kept result file it writes into
-        if self.pool == "thread":
+        if self._threads is not None:
+            loop = asyncio.get_running_loop()
             weights = model.weights()
             futures = [
-                loop.run_in_executor(self._executor, _threads_train, self._spec, weights, config, c)
+                loop.run_in_executor(self._threads, _threads_train, self._spec, weights, config, c)
                 for c in chunks
             ]
-        else:
-            assert self._tmp is not None and self._files is not None
-            path = model.path
-            if path is None:  # no stored file to map: write the pieces once
-                path = written = self._tmp / f"global-{round_number}.safetensors"
-                with path.open("wb") as handle:
-                    for part in model.parts:
-                        handle.write(part)
-            # Local models are the global model's size: kept files for those that fit.
-            files = iter(
-                self._files.take(len(indices), model.nbytes)
-                if model.nbytes >= FILE_BYTES
-                else [None] * len(indices)
-            )
-            jobs = [[(i, next(files)) for i in c] for c in chunks]
-            kept = {i: file for job in jobs for i, file in job if file is not None}
-            futures = [
-                loop.run_in_executor(
-                    self._executor, _worker_train, str(path), str(self._tmp), config, j
-                )
-                for j in jobs
-            ]
+            try:
+                for next_done in asyncio.as_completed(futures):
+                    for result in await next_done:
+                        yield result
+            finally:
+                for future in futures:
+                    future.cancel()
+            return
+        assert self._processes is not None and self._tmp is not None and self._files is not None
+        written: Path | None = None  # a copy of the global model this round wrote itself
+        path = model.path
+        if path is None:  # no stored file to map: write the pieces once
+            path = written = self._tmp / f"global-{round_number}.safetensors"
+            with path.open("wb") as handle:
+                for part in model.parts:
+                    handle.write(part)
+        # Local models are the global model's size: kept files for those that fit.
+        files = iter(
+            self._files.take(len(indices), model.nbytes)
+            if model.nbytes >= FILE_BYTES
+            else [None] * len(indices)
+        )
+        jobs = [[(i, next(files)) for i in c] for c in chunks]
+        kept = {i: file for job in jobs for i, file in job if file is not None}
+        requests = [
+            {
+                "op": "train",
+                "path": str(path),
+                "results_dir": str(self._tmp),
+                "config": dict(config),
+                "jobs": job,
+            }
+            for job in jobs
+        ]
+        answers = self._processes.map(requests)
         try:
-            for next_done in asyncio.as_completed(futures):
-                try:
-                    results = await next_done
-                except BrokenProcessPool as exc:
-                    raise _broken(exc) from None
-                for result in results:
-                    if self._files is not None:
-                        self._hand_over(result, kept)
+            async for header, payload in answers:
+                for result in _results(header, payload):
+                    self._hand_over(result, kept)
                     yield result
         finally:
-            for future in futures:
-                future.cancel()
+            await answers.aclose()
             if written is not None:
                 written.unlink(missing_ok=True)
 
@@ -250,9 +271,12 @@ class LocalBackend:
             self._files.give_back(file)
 
     async def stop(self) -> None:
-        if self._executor is not None:
-            executor, self._executor = self._executor, None
-            await asyncio.to_thread(executor.shutdown, True, cancel_futures=True)
+        if self._threads is not None:
+            threads, self._threads = self._threads, None
+            await asyncio.to_thread(threads.shutdown, True, cancel_futures=True)
+        if self._processes is not None:
+            processes, self._processes = self._processes, None
+            await processes.stop()
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = self._files = None
