@@ -20,6 +20,7 @@ from fedloop.ml.noop import NoopEngine
 from fedloop.protocol import codec
 from fedloop.sim.core import EngineSpec, ModelBytes, ResultFiles
 from fedloop.sim.local import FILE_BYTES, LocalBackend
+from fedloop.store import blobs
 from fedloop.store.blobs import BlobStore, HashedBody, blob_id
 from fedloop.store.db import Store, database_url
 from fedloop.strategies import RunningMean, Update
@@ -270,6 +271,20 @@ def test_encode_parts_and_put_parts_equal_the_joined_encoding(tmp_path: Path) ->
     key = store.put_parts(parts)
     assert key == blob_id(codec.encode(weights))
     assert store.get(key) == codec.encode(weights)
+
+
+@pytest.mark.parametrize("tensor_mb", [1, 5])
+def test_put_parts_gives_the_same_address_on_one_core_and_on_all(
+    tmp_path: Path, tensor_mb: int
+) -> None:
+    # Models of small tensors are hashed on one thread, of large ones on all (the header
+    # shifts the tensors off BLAKE3's subtree alignment): the same content address either way.
+    rng = np.random.default_rng(0)
+    n = tensor_mb * 1024 * 1024 // 4
+    weights = {f"t{i}": rng.standard_normal(n, dtype=np.float32) for i in range(3)}
+    parts = codec.encode_parts(weights)
+    assert blobs._PARALLEL_PART > 1024 * 1024 * 2 and blobs._PARALLEL_PART < 5 * 1024 * 1024
+    assert BlobStore(tmp_path).put_parts(parts) == blob_id(codec.encode(weights))
 
 
 def test_global_model_is_served_in_pieces_with_its_content_length(tmp_path: Path) -> None:
