@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import ssl
 import tempfile
 import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
@@ -98,6 +100,9 @@ class Agent:
         self._global_bytes: tuple[int, bytes | bytearray] | None = None
         self._local: tuple[ModelBody, dict[str, Any]] | None = None
         self._order: list[str] | None = None  # the global model's tensor names, in order
+        # The local model of the round being sent, written to `dir` while it uploads.
+        self._save_thread: ThreadPoolExecutor | None = None
+        self._saving: Future[None] | None = None
 
     # --- helpers --------------------------------------------------------------------------
     def _call(self, action: Callable[[], T]) -> T:
@@ -108,8 +113,24 @@ class Agent:
 
     def _enter(self, phase: Phase) -> None:
         # Not fsynced: a killed agent keeps it; see StateDir.save for a power loss.
+        self._saved()  # the phase saved with a local model goes first
         self.state.phase = phase
         self.dir.save(self.state, durable=False)
+
+    def _saver(self) -> ThreadPoolExecutor:
+        if self._save_thread is None:
+            self._save_thread = ThreadPoolExecutor(1, thread_name_prefix="fedloop-agent-save")
+        return self._save_thread
+
+    def _save_local(self, data: ModelBody, meta: dict[str, Any], state: AgentState) -> None:
+        self.dir.save_local(data, meta)
+        self.dir.save(state, durable=False)
+
+    def _saved(self) -> None:
+        """Wait until the local model being saved is on disk with its phase (raise its error)."""
+        saving, self._saving = self._saving, None
+        if saving is not None:
+            saving.result()
 
     def _initial_weights(self) -> Weights | None:
         if self.initial_weights is not None:
@@ -170,6 +191,9 @@ class Agent:
             if self.push is not None:
                 self.push.stop()
             self.client.close()
+            if self._save_thread is not None:
+                self._save_thread.shutdown(wait=True)  # a local model being saved is finished
+                self._save_thread = None
         return self.state
 
     def stop(self) -> None:
@@ -249,9 +273,14 @@ class Agent:
             "metrics": {k: float(v) for k, v in dict(metrics).items()},
         }
         data = codec.encode_parts(new)  # views of `new`: written and uploaded without a copy
-        self.dir.save_local(data, meta)
         self._local = (data, meta)
-        self._enter(Phase.SENDING)
+        # The upload starts at once; the local model goes to `dir` meanwhile, on a thread (both
+        # are mostly the kernel copying). Only then is `sending` saved: a restart resumes the
+        # upload from the file. An agent killed before that trains again, and if its first
+        # upload got through the aggregator refuses the second as duplicate_upload.
+        self.state.phase = Phase.SENDING
+        snapshot = dataclasses.replace(self.state)
+        self._saving = self._saver().submit(self._save_local, data, meta, snapshot)
 
     def _send(self) -> None:
         pending, self._local = self._local or self.dir.load_local(), None
@@ -289,5 +318,6 @@ class Agent:
                 if exc.code not in _OVERTAKEN | _DAMAGED:
                     raise
                 log.info("local model of round %d discarded: %s", meta["round"], exc)
+        self._saved()
         self.dir.clear_local()
         self._enter(Phase.WAITING_GM)
