@@ -153,3 +153,33 @@ def test_round_uploads_hand_over_batches_of_bounded_size() -> None:
     assert sum(len(b) for b in small) == 600
     assert max(len(b) for b in small) == _RoundUploads.MAX_BATCH
     assert len(small) < 600 // 2  # batched, not one by one
+
+
+@pytest.mark.parametrize(
+    ("tensor", "where"),
+    [(None, 0), ("big", 0), ("big", 1 << 20), ("big", -1), ("small", 0), ("small", -1)],
+)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_result_file_is_written_hashed_and_checked_slice_by_slice(
+    tmp_path: Path, tensor: str | None, where: int, bad: float
+) -> None:
+    from fedloop.protocol import codec
+    from fedloop.sim.core import _SLICE, _SLICE_FROM, _write_parts
+    from fedloop.store.blobs import blob_id
+
+    rng = np.random.default_rng(1)
+    weights = {
+        # Sliced (with a shorter last slice), then whole: both are written, hashed and checked.
+        "big": rng.standard_normal(_SLICE_FROM // 4 + 5, dtype=np.float32),
+        "steps": np.arange(5, dtype=np.int64),  # not floating: written, not checked
+        "small": rng.standard_normal(1000).astype(np.float16),
+    }
+    assert weights["big"].nbytes > _SLICE_FROM and weights["big"].nbytes % _SLICE
+    if tensor is not None:
+        weights[tensor][where] = bad
+    target = tmp_path / "result"
+    target.write_bytes(b"x" * (16 << 20))  # a longer earlier result, overwritten in place
+    digest, finite = _write_parts(str(target), codec.encode_parts(weights))
+    assert finite is (tensor is None)
+    assert target.read_bytes() == codec.encode(weights)
+    assert digest == blob_id(codec.encode(weights))
