@@ -160,11 +160,12 @@ def test_round_uploads_hand_over_batches_of_bounded_size() -> None:
     [(None, 0), ("big", 0), ("big", 1 << 20), ("big", -1), ("small", 0), ("small", -1)],
 )
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("kept", [False, True])
 def test_a_result_file_is_written_hashed_and_checked_slice_by_slice(
-    tmp_path: Path, tensor: str | None, where: int, bad: float
+    tmp_path: Path, tensor: str | None, where: int, bad: float, kept: bool
 ) -> None:
     from fedloop.protocol import codec
-    from fedloop.sim.core import _SLICE, _SLICE_FROM, _write_parts
+    from fedloop.sim.core import _SLICE, _SLICE_FROM, _fill_kept, _write_parts
     from fedloop.store.blobs import blob_id
 
     rng = np.random.default_rng(1)
@@ -178,8 +179,38 @@ def test_a_result_file_is_written_hashed_and_checked_slice_by_slice(
     if tensor is not None:
         weights[tensor][where] = bad
     target = tmp_path / "result"
-    target.write_bytes(b"x" * (16 << 20))  # a longer earlier result, overwritten in place
-    digest, finite = _write_parts(str(target), codec.encode_parts(weights))
+    target.write_bytes(b"x" * (16 << 20))  # a longer earlier result
+    parts = codec.encode_parts(weights)
+    if kept:  # a driver's kept file, through the worker's map of it
+        digest, finite = _fill_kept(str(target), parts, sum(len(p) for p in parts))
+    else:
+        digest, finite = _write_parts(str(target), parts)
     assert finite is (tensor is None)
     assert target.read_bytes() == codec.encode(weights)
     assert digest == blob_id(codec.encode(weights))
+
+
+def test_a_kept_result_file_is_overwritten_through_the_same_map_until_its_size_changes(
+    tmp_path: Path,
+) -> None:
+    from fedloop.protocol import codec
+    from fedloop.sim import core
+    from fedloop.store.blobs import map_file
+
+    target = str(tmp_path / "result-0.safetensors")
+    reader = None
+    maps = []
+    for round_number, n in enumerate([1 << 18, 1 << 18, 3 << 17]):
+        weights = {"w": np.full(n, float(round_number), dtype=np.float32)}
+        parts = codec.encode_parts(weights)
+        nbytes = sum(len(p) for p in parts)
+        core._fill_kept(target, parts, nbytes)
+        mapped = core._kept_maps[target]
+        assert len(mapped) == nbytes
+        maps.append(mapped)
+        if reader is None or len(reader) != nbytes:  # the driver maps it again on a new size
+            reader = map_file(target)
+        assert bytes(reader) == codec.encode(weights)  # the driver sees what the worker wrote
+    # The same size: the same map, no new pages; another size: mapped again.
+    assert maps[1] is maps[0] and maps[2] is not maps[1]
+    core._kept_maps.pop(target).close()
