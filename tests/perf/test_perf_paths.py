@@ -367,3 +367,41 @@ def test_the_aggregator_serves_with_the_direct_body_protocol_when_httptools_is_t
     server.serve(AggregatorConfig(port=free_port(), data_dir=tmp_path / "data"))
     _, http = server.event_loop_and_parser()
     assert seen == [direct.protocol_class() if http == "httptools" else "h11"]
+
+
+@pytest.mark.parametrize("hold", [1, 2, 3, 4])
+@pytest.mark.parametrize("last", [False, True])
+def test_uploads_folded_in_groups_have_the_bits_of_folding_one_at_a_time(
+    hold: int, last: bool
+) -> None:
+    # Kept until `hold` are in, then folded together block by block: each element sees the
+    # same float64 additions, in the order the uploads came, as the plain running sum.
+    rng = np.random.default_rng(11)
+    counts = [3, 1, 7, 1, 2, 5, 1, 4, 9, 1, 6]
+    sizes = {"big": 2 * 65536 + 3, "small": 5}
+    updates = [
+        Update(
+            weights={
+                k: rng.standard_normal(n, dtype=np.float32) * (i + 1) for k, n in sizes.items()
+            },
+            num_samples=c,
+            agent_id=f"a{i}",
+            base_round=0,
+        )
+        for i, c in enumerate(counts)
+    ]
+    running = RunningMean(max_held=hold)
+    like = {k: np.zeros(n, np.float32) for k, n in sizes.items()}
+    for i, update in enumerate(updates):
+        running.add(update, last=last and i == len(updates) - 1)
+        # After each upload the mean so far is that of the plain sum, and asking does not
+        # change what comes next.
+        mean = running.as_update(like=like)
+        for key in sizes:
+            total = updates[0].weights[key].astype(np.float64) * updates[0].num_samples
+            for earlier in updates[1 : i + 1]:
+                total += earlier.weights[key].astype(np.float64) * earlier.num_samples
+            expected = total / sum(counts[: i + 1])
+            np.testing.assert_array_equal(mean.weights[key], expected.astype(np.float32))
+            np.testing.assert_array_equal(running.as_update().weights[key], expected)
+    assert running.count == len(counts) and running.num_samples == sum(counts)

@@ -818,7 +818,7 @@ class Aggregator:
                     self.pending[agent_id] = update
             await self._aggregate_now("secure aggregation")
             if self.round == round_number:  # failed: let the secure round start over
-                self.pending, self.running = {}, RunningMean()
+                self.pending, self.running = {}, RunningMean(self.running.max_held)
 
     # --- aggregation ----------------------------------------------------------------------
     def _maybe_close(self, reason: str) -> None:

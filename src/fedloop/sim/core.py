@@ -710,6 +710,8 @@ async def run_simulation(
     agg_log = logging.getLogger("fedloop.aggregator")
     agg_log.addHandler(trap)
     agg = Aggregator(config)
+    # Local models come from workers on this machine: fold them in groups (see RunningMean).
+    agg.running.max_held = 4
     summaries: list[RoundSummary] = []
     worker_rss = 0.0
     try:
