@@ -249,3 +249,45 @@ def test_ray_gpu_agents_reuse_their_worker_processes(
     # 2 agents fit at once (1 GPU / 0.5): reused, at most that many processes train them all.
     # Ray's own default (2.60) starts a process per GPU task, a task per agent here: 12.
     assert len(seen.pids) <= 2 if reuse else len(seen.pids) > 2
+
+
+def test_ctrl_c_stops_the_driver_and_its_workers_without_their_tracebacks(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # Ctrl-C reaches the whole process group: the driver stops the run, the workers end quietly.
+    script = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "sys.argv = ['fedloop', 'simulate', 'fedloop.ml.noop:NoopEngine', '--agents', '4', "
+        f"'--rounds', '100000', '--set', 'model_mb=2', '--data-dir', {str(tmp_path / 'd')!r}]; "
+        "runpy.run_module('fedloop', run_name='__main__')"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "d" / "fedloop.db").exists():  # running rounds
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(2)
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode != 0
+    assert "Traceback" not in err.decode(), err.decode()[-3000:]
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:  # no process of the group is left (workers, tracker)
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        left = subprocess.run(["ps", "-o", "pid,stat,cmd", "-g", str(process.pid)], text=True,
+                              capture_output=True).stdout  # fmt: skip
+        pytest.fail(f"processes left in the group:\n{left}")

@@ -20,6 +20,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import struct
 import traceback
@@ -78,7 +79,12 @@ def _send(sock: socket.socket, header: dict[str, Any], payload: bytes = b"") -> 
 
 
 def serve(sock: socket.socket, handle: Handler, ready: Callable[[], None]) -> None:
-    """A worker's loop: answer requests on `sock` with `handle` until the driver hangs up."""
+    """A worker's loop: answer requests on `sock` with `handle` until the driver hangs up.
+
+    Ctrl-C reaches the whole process group; the driver handles it and hangs up, and a worker
+    ends after its current request (not with a traceback of its own).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with sock:
         try:
             ready()
