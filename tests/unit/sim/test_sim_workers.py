@@ -4,10 +4,12 @@ their types, a worker that dies, and a caller that stops waiting. Real spawned p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -44,28 +46,32 @@ def _pool(count: int = 2, fail_at_start: bool = False) -> WorkerPool:
     return WorkerPool(count, _serve, (fail_at_start,), errors={"AgentFailed": AgentFailed})
 
 
+@contextlib.asynccontextmanager
+async def _started(count: int = 2) -> AsyncIterator[WorkerPool]:
+    pool = _pool(count)
+    await pool.start()
+    try:
+        yield pool
+    finally:
+        await pool.stop()
+
+
 def test_workers_answer_with_json_headers_and_raw_bytes() -> None:
     async def go() -> None:
-        pool = _pool()
-        await pool.start()
-        try:
+        async with _started() as pool:
             assert len(pool.pids) == 2 and os.getpid() not in pool.pids
             header, payload = await pool.call({"op": "square", "x": 3})
             assert header["value"] == 9 and payload == b"\x00\xff" * 3
             answers = [h async for h, _ in pool.map([{"op": "square", "x": x} for x in range(6)])]
             assert sorted(h["value"] for h in answers) == [0, 1, 4, 9, 16, 25]
             assert {h["pid"] for h in answers} <= pool.pids
-        finally:
-            await pool.stop()
 
     asyncio.run(go())
 
 
 def test_a_workers_error_comes_back_with_its_type_and_details() -> None:
     async def go() -> None:
-        pool = _pool(1)
-        await pool.start()
-        try:
+        async with _started(1) as pool:
             with pytest.raises(ConfigError, match="--set lr"):
                 await pool.call({"op": "config"})
             with pytest.raises(AgentFailed, match="agent 3") as failed:
@@ -76,8 +82,6 @@ def test_a_workers_error_comes_back_with_its_type_and_details() -> None:
             assert "Traceback" in str(other.value)
             # The worker is still there after each error.
             assert (await pool.call({"op": "square", "x": 2}))[0]["value"] == 4
-        finally:
-            await pool.stop()
 
     asyncio.run(go())
 
@@ -96,26 +100,20 @@ def test_a_worker_that_cannot_start_says_why() -> None:
 
 def test_a_worker_killed_mid_request_is_reported_as_died() -> None:
     async def go() -> None:
-        pool = _pool(1)
-        await pool.start()
-        try:
+        async with _started(1) as pool:
             (pid,) = pool.pids
             asyncio.get_running_loop().call_later(0.3, os.kill, pid, signal.SIGKILL)
             with pytest.raises(WorkerDied, match=r"died \(exit code -9\).*--pool thread"):
                 await pool.call({"op": "sleep", "seconds": 30})
             with pytest.raises(WorkerDied):  # the pool stays broken: the run stops
                 await pool.call({"op": "square", "x": 1})
-        finally:
-            await pool.stop()
 
     asyncio.run(go())
 
 
 def test_answers_nobody_waits_for_any_more_do_not_reach_the_next_request() -> None:
     async def go() -> None:
-        pool = _pool(2)
-        await pool.start()
-        try:
+        async with _started(2) as pool:
             requests = [{"op": "sleep", "seconds": 0.2 * (i + 1), "tag": i} for i in range(4)]
             answers = pool.map(requests)
             async for header, _ in answers:
@@ -126,8 +124,6 @@ def test_answers_nobody_waits_for_any_more_do_not_reach_the_next_request() -> No
             for x in range(4):
                 header, payload = await pool.call({"op": "square", "x": x})
                 assert header["value"] == x * x and len(payload) == 2 * x
-        finally:
-            await pool.stop()
 
     asyncio.run(go())
 
