@@ -57,6 +57,12 @@ def _raise_error(header: dict[str, Any], known: dict[str, type[FedloopError]]) -
     raise FedloopError(f"a simulation worker failed: {kind}: {message}\n{details}")
 
 
+def _frame(header: dict[str, Any]) -> bytes:
+    """Return `header` as it goes on a socket: its length, then its JSON."""
+    head = json.dumps(header).encode()
+    return _LENGTH.pack(len(head)) + head
+
+
 # --- the worker's side ----------------------------------------------------------------------
 def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
     data = bytearray(n)
@@ -72,8 +78,7 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
 def _send(sock: socket.socket, header: dict[str, Any], payload: bytes = b"") -> None:
     if payload:
         header = {**header, "size": len(payload)}
-    head = json.dumps(header).encode()
-    sock.sendall(_LENGTH.pack(len(head)) + head)
+    sock.sendall(_frame(header))
     if payload:
         sock.sendall(payload)
 
@@ -115,7 +120,7 @@ class _Worker:
     def __init__(self, process: Any, reader: asyncio.StreamReader, writer: Any) -> None:
         self.process, self.reader, self.writer = process, reader, writer
 
-    async def receive(self) -> tuple[dict[str, Any], bytes]:
+    async def receive(self) -> Answer:
         try:
             raw = await self.reader.readexactly(_LENGTH.size)
             header: dict[str, Any] = json.loads(
@@ -134,8 +139,7 @@ class _Worker:
         return header, payload
 
     def send(self, header: dict[str, Any]) -> None:
-        head = json.dumps(header).encode()
-        self.writer.write(_LENGTH.pack(len(head)) + head)
+        self.writer.write(_frame(header))
 
 
 class WorkerPool:
@@ -182,9 +186,7 @@ class WorkerPool:
             self.pids.add(int(header["ready"]))
             self._idle.put_nowait(worker)
 
-    async def _exchange(
-        self, worker: _Worker, request: dict[str, Any]
-    ) -> tuple[dict[str, Any], bytes]:
+    async def _exchange(self, worker: _Worker, request: dict[str, Any]) -> Answer:
         try:
             worker.send(request)
             header, payload = await worker.receive()
@@ -199,7 +201,7 @@ class WorkerPool:
             _raise_error(header, self.errors)
         return header
 
-    async def call(self, request: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    async def call(self, request: dict[str, Any]) -> Answer:
         """Send `request` to the next idle worker; return its answer (raise its error)."""
         if self._broken is not None:
             raise self._broken
@@ -215,8 +217,8 @@ class WorkerPool:
         Leaving early sends no more requests; those in flight are answered and dropped.
         """
         todo = deque(requests)
-        done: asyncio.Queue[asyncio.Future[tuple[dict[str, Any], bytes]]] = asyncio.Queue()
-        pending: set[asyncio.Future[tuple[dict[str, Any], bytes]]] = set()
+        done: asyncio.Queue[asyncio.Future[Answer]] = asyncio.Queue()
+        pending: set[asyncio.Future[Answer]] = set()
 
         async def feed() -> None:
             while todo:
