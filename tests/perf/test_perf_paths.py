@@ -405,3 +405,45 @@ def test_uploads_folded_in_groups_have_the_bits_of_folding_one_at_a_time(
             np.testing.assert_array_equal(mean.weights[key], expected.astype(np.float32))
             np.testing.assert_array_equal(running.as_update().weights[key], expected)
     assert running.count == len(counts) and running.num_samples == sum(counts)
+
+
+@pytest.mark.parametrize("batches", [(1, 1, 1), (2, 3, 1), (4, 2), (1, 5), (6,)])
+@pytest.mark.parametrize("closing", [False, True])
+def test_uploads_added_together_have_the_bits_of_adding_them_one_at_a_time(
+    batches: tuple[int, ...], closing: bool
+) -> None:
+    # The aggregator files the uploads that waited for the lock together (add_many): folded
+    # in one pass, or all kept for the division when they close the round.
+    rng = np.random.default_rng(5)
+    counts = [2, 1, 7, 3, 1, 4][: sum(batches)]
+    sizes = {"big": 2 * 65536 + 3, "small": 5}
+    updates = [
+        Update(
+            weights={k: rng.standard_normal(n, dtype=np.float32) for k, n in sizes.items()},
+            num_samples=c,
+            agent_id=f"a{i}",
+            base_round=0,
+        )
+        for i, c in enumerate(counts)
+    ]
+    together, alone = RunningMean(), RunningMean()
+    at = 0
+    for j, size in enumerate(batches):
+        last = closing and j == len(batches) - 1
+        together.add_many(updates[at : at + size], last=last)
+        for k, update in enumerate(updates[at : at + size]):
+            alone.add(update, last=last and k == size - 1)
+        at += size
+    assert together.count == alone.count == len(counts)
+    assert together.num_samples == sum(counts)
+    like = {k: np.zeros(n, np.float32) for k, n in sizes.items()}
+    for key in sizes:
+        total = updates[0].weights[key].astype(np.float64) * updates[0].num_samples
+        for update in updates[1:]:
+            total += update.weights[key].astype(np.float64) * update.num_samples
+        expected = total / sum(counts)
+        np.testing.assert_array_equal(together.as_update().weights[key], expected)
+        np.testing.assert_array_equal(
+            together.as_update(like=like).weights[key], expected.astype(np.float32)
+        )
+        np.testing.assert_array_equal(alone.as_update().weights[key], expected)

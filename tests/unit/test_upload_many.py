@@ -70,3 +70,95 @@ def test_a_batch_refuses_each_bad_upload_and_keeps_the_good_ones(tmp_path: Path)
             await agg.stop()
 
     asyncio.run(go())
+
+
+def test_uploads_waiting_for_the_lock_are_filed_together_and_each_answered(
+    tmp_path: Path,
+) -> None:
+    # Uploads that arrive while others are being filed queue up and are filed by one task:
+    # one transaction for their rows, one pass to fold them, an answer for each.
+    async def go() -> None:
+        config = AggregatorConfig(data_dir=tmp_path, min_agents=6, rounds=1)
+        agg = Aggregator(config)
+        await agg.start()
+        try:
+            ids = []
+            for i in range(6):
+                body = weights(0.0) if i == 0 else b""
+                registered = await agg.register(RegisterRequest(agent_name=f"a{i}"), body)
+                ids.append(registered.agent_id)
+            transactions: list[int] = []
+            add_rows = agg.store.add_local_models
+            agg.store.add_local_models = lambda rows: (  # type: ignore[method-assign]
+                transactions.append(len(rows)),
+                add_rows(rows),
+            )[1]
+            checked: list[object] = []
+            check = agg._check_and_store
+
+            def counted(body: codec.Bytes) -> object:
+                result = check(body)
+                checked.append(body)
+                return result
+
+            agg._check_and_store = counted  # type: ignore[method-assign]
+            async with agg.lock:  # a filing in progress: every upload waits
+                tasks = [
+                    asyncio.create_task(
+                        agg.upload(request(agent, samples=i + 1), weights(float(i)))
+                    )
+                    for i, agent in enumerate(ids)
+                ]
+                # The filer takes the first upload(s) checked, the others queue behind it.
+                for _ in range(500):
+                    if len(checked) == 6:
+                        break
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.1)  # the checked uploads' tasks queue them
+                tasks[3].cancel()  # its request goes away: it is filed all the same
+            answers = await asyncio.gather(*tasks, return_exceptions=True)
+            assert len(transactions) == 2 and sum(transactions) == 6  # not 6 of 1
+            assert isinstance(answers[3], asyncio.CancelledError)
+            ok = [a for a in answers if isinstance(a, UploadResponse)]
+            # Numbered in the order they were filed (their checks end in any order).
+            assert len(ok) == 5 and len({a.uploads for a in ok}) == 5
+            assert {a.uploads for a in ok} <= set(range(1, 7))
+            assert all(a.accepted and a.needed == 6 for a in ok)
+            model = await agg.wait_for_global(0, 5)
+            assert model is not None and model.round == 1
+            assert len(agg.store.local_models(1)) == 6
+            # Σ (i+1)·i / Σ (i+1) for i = 0..5: 70 / 21
+            np.testing.assert_allclose(model.weights["w"], np.full(3, 70 / 21, np.float32))
+        finally:
+            await agg.stop()
+
+    asyncio.run(go())
+
+
+def test_a_failed_filing_answers_every_upload_waiting_for_it(tmp_path: Path) -> None:
+    async def go() -> None:
+        config = AggregatorConfig(data_dir=tmp_path, min_agents=3, rounds=1)
+        agg = Aggregator(config)
+        await agg.start()
+        try:
+            ids = []
+            for i in range(3):
+                body = weights(0.0) if i == 0 else b""
+                registered = await agg.register(RegisterRequest(agent_name=f"a{i}"), body)
+                ids.append(registered.agent_id)
+
+            def broken(rows: object) -> None:
+                raise OSError("disk full")
+
+            agg.store.add_local_models = broken  # type: ignore[method-assign]
+            answers = await asyncio.gather(
+                *(agg.upload(request(agent), weights(1.0)) for agent in ids),
+                return_exceptions=True,
+            )
+            assert all(isinstance(a, OSError) for a in answers)
+            assert agg._filer is None and agg._to_file == []
+            assert not agg.pending
+        finally:
+            await agg.stop()
+
+    asyncio.run(go())

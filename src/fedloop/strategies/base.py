@@ -382,14 +382,24 @@ class RunningMean:
         (sums + Σ n·y) / N is computed while in cache and written once, in the model's dtype,
         instead of a pass that writes the float64 sums and another that reads them back.
         """
-        if self._count == 0:
-            nbytes = sum(np.asarray(t).nbytes for t in update.weights.values())
-            self._hold = max(1, min(self.max_held, HOLD_BYTES // max(1, nbytes)))
-        else:
-            self._check_like(update)
-        self._held.append(update)
-        self._samples += update.num_samples
-        self._count += 1
+        self.add_many([update], parallel, last)
+
+    def add_many(
+        self, updates: Sequence[Update], parallel: bool = False, last: bool = False
+    ) -> None:
+        """Count several uploads in, in order, as add() would one after another, except that
+        uploads that came together are folded together: in one pass over the sums, whatever
+        `max_held` (they are in memory already). ``last``: they close the round; all are kept
+        for the pass that divides. The bits are those of adding them one at a time."""
+        for update in updates:
+            if self._count == 0:
+                nbytes = sum(np.asarray(t).nbytes for t in update.weights.values())
+                self._hold = max(1, min(self.max_held, HOLD_BYTES // max(1, nbytes)))
+            else:
+                self._check_like(update)
+            self._held.append(update)
+            self._samples += update.num_samples
+            self._count += 1
         # The first upload waits for a second: one needs no sums, two are summed in one pass.
         if not last and len(self._held) >= (self._hold if self._sums else max(2, self._hold)):
             self._fold(parallel)
