@@ -142,7 +142,12 @@ class AgentProcess:
         import json
 
         path = self.workdir / "state.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        for _ in range(3):  # the agent writes it in place: a read may meet a write midway
+            try:
+                return json.loads(path.read_text()) if path.exists() else {}
+            except ValueError:
+                time.sleep(0.01)
+        return json.loads(path.read_text())
 
     def wait(self, timeout: float = 60.0) -> int:
         assert self.process is not None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -58,6 +59,52 @@ def _atomic_write(path: Path, data: ModelBody, durable: bool = True) -> None:
         raise
 
 
+def _rewrite(path: Path, data: bytes, durable: bool = False) -> None:
+    """Write `data` over `path` in place, padded with spaces to the file's length: one write of
+    at most a page at offset 0, which a killed process completes or never starts, and no new
+    file, rename or unlink for the filesystem to journal (deploy 10 agents × 4 MB: creating,
+    renaming and deleting files took ≈ 18 % of an agent's CPU). JSON ignores the padding.
+
+    A file that does not exist yet, or would not fit in a page, is written by `_atomic_write`.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except FileNotFoundError:
+        _atomic_write(path, data, durable)
+        return
+    try:
+        size = os.fstat(fd).st_size
+        if max(size, len(data)) > mmap.PAGESIZE:
+            os.close(fd)
+            fd = -1
+            _atomic_write(path, data, durable)
+            return
+        if os.pwrite(fd, data.ljust(size, b" "), 0) < max(size, len(data)):
+            raise OSError(f"short write to {path}")
+        if durable:
+            os.fsync(fd)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _write_parts(fd: int, data: ModelBody) -> int:
+    """Write the buffers of `data` from offset 0 of `fd`; return how many bytes."""
+    views = [memoryview(part).cast("B") for part in body_parts(data)]
+    offset = 0
+    while views:
+        written = os.pwritev(fd, views[:1024], offset)  # at most IOV_MAX buffers a call
+        if not written and any(len(view) for view in views):
+            raise OSError(f"no progress writing fd {fd}")
+        offset += written
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+    return offset
+
+
 class StateDir:
     """An agent's working directory: state.json, the global model, the pending local model."""
 
@@ -92,7 +139,7 @@ class StateDir:
         changes of a round, which a killed process keeps (the page cache survives it); after a
         power loss an older phase only repeats work the aggregator deduplicates (a download, a
         training, an upload refused as duplicate_upload)."""
-        _atomic_write(self.state_file, json.dumps(asdict(state), indent=1).encode(), durable)
+        _rewrite(self.state_file, json.dumps(asdict(state), indent=1).encode(), durable)
 
     def load_credential(self, name: str) -> str | None:
         """Return the credential the aggregator gave agent `name`, if this directory holds it."""
@@ -125,18 +172,36 @@ class StateDir:
         return codec.decode(self.global_file.read_bytes())
 
     def save_local(self, data: ModelBody, meta: dict[str, Any]) -> None:
-        # The model first, then its metadata: metadata present implies the model is complete.
-        # Not fsynced either: a model damaged by a power loss is refused as bad_model by the
-        # aggregator and the agent goes back to waiting (it never uploads garbage silently).
-        _atomic_write(self.local_file, data, durable=False)
-        _atomic_write(self.local_meta, json.dumps(meta).encode(), durable=False)
+        """Keep the local model being sent, for a restart to upload it again.
+
+        The model first, then its metadata: metadata present implies the model is complete.
+        Both are written over the files of the round before (no new file, rename or unlink;
+        their pages stay in the page cache), after the metadata is cleared. Not fsynced: a
+        model damaged by a power loss is refused as bad_model by the aggregator and the agent
+        goes back to waiting (it never uploads garbage silently).
+        """
+        _rewrite(self.local_meta, b"null")
+        fd = os.open(self.local_file, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            size = _write_parts(fd, data)
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        _rewrite(self.local_meta, json.dumps(meta).encode())
 
     def load_local(self) -> tuple[bytes, dict[str, Any]] | None:
         if not self.local_meta.exists() or not self.local_file.exists():
             return None
-        meta: dict[str, Any] = json.loads(self.local_meta.read_text())
+        try:
+            meta = json.loads(self.local_meta.read_text())
+        except ValueError:
+            return None
+        if not isinstance(meta, dict):  # null: none is pending
+            return None
         return self.local_file.read_bytes(), meta
 
     def clear_local(self) -> None:
-        self.local_meta.unlink(missing_ok=True)
-        self.local_file.unlink(missing_ok=True)
+        """Forget the local model sent; its file stays, to be written over in the next round."""
+        if self.local_meta.exists():
+            _rewrite(self.local_meta, b"null")
