@@ -66,6 +66,13 @@ def agent(
     give_up_after: Annotated[
         float | None, typer.Option(help="Seconds to keep retrying an unreachable aggregator.")
     ] = None,
+    keep_local_after: Annotated[
+        float,
+        typer.Option(
+            help="Seconds an upload may take before the local model is written to the workdir "
+            "for a restart to resume it (0: always; a quicker upload needs no copy on disk)."
+        ),
+    ] = 1.0,
     ca_file: Annotated[
         Path | None, typer.Option(help="CA certificate to verify the aggregator's TLS with.")
     ] = None,
@@ -104,6 +111,7 @@ def agent(
             mode=mode,  # type: ignore[arg-type]
             max_rounds=rounds,
             give_up_after=give_up_after,
+            keep_local_after=keep_local_after,
             tls=tls_context(ca_file, cert, key) if (ca_file or cert) else None,
             enrollment_token=token,
         )

@@ -286,9 +286,13 @@ def kill_during_distribution(
 # --- agents killed, cut off, late ------------------------------------------------------------
 
 
-def agent_killed_mid_upload(root: Path, size_mb: float = 32, rate_mb: float = 24) -> dict[str, Any]:
-    """SIGKILL an agent while its local model streams up a slow link; restarted, it resumes
-    from its working directory and uploads the same model again."""
+def agent_killed_mid_upload(
+    root: Path, size_mb: float = 32, rate_mb: float = 24, saved: bool = True
+) -> dict[str, Any]:
+    """SIGKILL an agent while its local model streams up a slow link. `saved`: its model was
+    on disk (`--keep-local-after 0`); restarted, it resumes from its working directory and
+    uploads the same model again. Otherwise the upload had not yet lasted `--keep-local-after`:
+    restarted in `training`, it trains the round again and uploads that."""
     rounds = 2
     with run_in(root) as run:
         server = run.server(rounds=rounds, min_agents=3)
@@ -296,12 +300,17 @@ def agent_killed_mid_upload(root: Path, size_mb: float = 32, rate_mb: float = 24
         agents = [run.agent("a0", server.url, offset=1, size_mb=size_mb)]
         server.wait_for(lambda s: s["registered_agents"] == 1)
         agents.append(run.agent("a1", server.url, offset=2, size_mb=size_mb))
-        victim = run.agent("victim", proxy.url, offset=3, size_mb=size_mb)
+        keep = ("--keep-local-after", "0" if saved else "60")
+        victim = run.agent("victim", proxy.url, *keep, offset=3, size_mb=size_mb)
         server.wait_for(lambda s: s["registered_agents"] == 3)
         proxy.throttle(up=rate_mb * MB)
         start = proxy.bytes_up
         wait_until(lambda: proxy.bytes_up - start > 4 * MB, 60, "the victim's upload")
-        assert victim.state()["phase"] == "sending", victim.state()
+        if saved:
+            wait_until(lambda: victim.state().get("phase") == "sending", 30, "the local model")
+        assert proxy.bytes_up - start < size_mb * MB, "the upload finished before the kill"
+        phase = victim.state()["phase"]
+        assert phase == ("sending" if saved else "training"), victim.state()
         victim.kill()
         before = snapshot(server.data_dir)
         # The aggregator sees the body end early: one log line, no traceback, nothing stored.
@@ -314,7 +323,9 @@ def agent_killed_mid_upload(root: Path, size_mb: float = 32, rate_mb: float = 24
         agents.append(victim)
         report = finish(server, agents, before, rounds)
         assert [len(c) for c in report["contributors"].values()] == [0, 3, 3]
-        assert victim.trained() == [1, 2], victim.trained()  # resumed, not retrained
+        # Resumed (the model from disk), or trained again.
+        expected = [1, 2] if saved else [1, 1, 2]
+        assert victim.trained() == expected, victim.trained()
         return {**report, "agent_kills": 1}
 
 

@@ -15,6 +15,14 @@ def test_agent_killed_mid_upload_resumes_and_uploads_again(tmp_path: Path) -> No
     assert report["rounds_completed"] == 2
 
 
+def test_agent_killed_mid_upload_before_its_model_is_on_disk_trains_again(
+    tmp_path: Path,
+) -> None:
+    report = scenarios.agent_killed_mid_upload(tmp_path, saved=False)
+    assert violations(report) == {}, report
+    assert report["rounds_completed"] == 2
+
+
 def test_agent_cut_off_past_the_deadline_reconnects_and_takes_part_again(
     tmp_path: Path,
 ) -> None:

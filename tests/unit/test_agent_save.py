@@ -1,5 +1,6 @@
-"""The agent saves its local model while it uploads it, and `sending` only once the model is
-on disk: a restart then resumes the upload from the file."""
+"""The agent saves its local model while it uploads it (once the upload has taken
+`keep_local_after`), and `sending` only once the model is on disk: a restart then resumes the
+upload from the file. An upload answered sooner leaves nothing to write."""
 
 from __future__ import annotations
 
@@ -67,8 +68,12 @@ class HeldSave(StateDir):
         super().save_local(data, meta)
 
 
-def _agent(tmp_path: Path, directory: StateDir) -> tuple[Agent, HeldUpload]:
-    agent = Agent(Doubling(), "http://127.0.0.1:9", "a", tmp_path / "a")
+def _agent(
+    tmp_path: Path, directory: StateDir, keep_local_after: float = 0.0
+) -> tuple[Agent, HeldUpload]:
+    agent = Agent(
+        Doubling(), "http://127.0.0.1:9", "a", tmp_path / "a", keep_local_after=keep_local_after
+    )
     agent.dir = directory
     client = HeldUpload()
     agent.client = client  # type: ignore[assignment]
@@ -122,3 +127,50 @@ def test_a_local_model_that_cannot_be_saved_stops_the_agent_after_its_upload(
     with pytest.raises(OSError, match="No space left"):
         agent._send()
     assert StateDir(tmp_path / "a").load("a").phase == Phase.TRAINING  # trains again
+
+
+def test_an_upload_answered_quickly_leaves_no_local_model_to_write(tmp_path: Path) -> None:
+    directory = StateDir(tmp_path / "a")
+    agent, client = _agent(tmp_path, directory, keep_local_after=5.0)
+    client.release.set()
+    agent._train()
+    started = time.monotonic()
+    agent._send()
+    assert time.monotonic() - started < 2.0  # did not wait for keep_local_after
+    state = directory.load("a")
+    assert state.phase == Phase.WAITING_GM and state.rounds_trained == 1
+    assert not directory.local_file.exists() and directory.load_local() is None
+    assert client.body == codec.encode({k: v * 2 for k, v in WEIGHTS.items()})
+
+
+def test_a_slow_upload_gets_its_local_model_on_disk_while_in_flight(tmp_path: Path) -> None:
+    directory = StateDir(tmp_path / "a")
+    agent, client = _agent(tmp_path, directory, keep_local_after=0.2)
+    agent._train()
+    sender = threading.Thread(target=agent._send)
+    sender.start()
+    assert client.started.wait(10)
+    _wait_for(lambda: directory.load("a").phase == Phase.SENDING)
+    pending = directory.load_local()
+    assert pending is not None and pending[0] == client.body
+    client.release.set()
+    sender.join(10)
+    assert directory.load("a").phase == Phase.WAITING_GM and directory.load_local() is None
+
+
+class Unreachable(HeldUpload):
+    def upload(self, *args: Any, **kwargs: Any) -> UploadResponse:
+        raise ConnectionError("aggregator unreachable")
+
+
+def test_an_upload_that_fails_keeps_the_local_model_for_a_restart(tmp_path: Path) -> None:
+    directory = StateDir(tmp_path / "a")
+    agent, _ = _agent(tmp_path, directory, keep_local_after=0.1)
+    agent.client = Unreachable()  # type: ignore[assignment]
+    agent._train()
+    with pytest.raises(ConnectionError):
+        agent._send()
+    agent._saved()  # what run() does on its way out: the save thread finishes
+    assert directory.load("a").phase == Phase.SENDING
+    pending = directory.load_local()
+    assert pending is not None and pending[1]["round"] == 5

@@ -57,7 +57,11 @@ class Agent:
         give_up_after: float | None = None,
         tls: ssl.SSLContext | None = None,
         enrollment_token: str | None = None,
+        keep_local_after: float = 1.0,
     ) -> None:
+        """``keep_local_after``: seconds an upload may take before the local model is written
+        to `workdir` for a restart to upload it again (0: always written). An upload answered
+        sooner needs no copy on disk; an agent killed before it is written trains again."""
         if not hasattr(engine, "train"):
             raise FedloopError("the ML engine must have a train(weights, config) method")
         self.engine = engine
@@ -71,6 +75,7 @@ class Agent:
         self.poll_wait = poll_wait
         self.backoff_max = backoff_max
         self.give_up_after = give_up_after
+        self.keep_local_after = keep_local_after
         self.tls = tls
         # With auth on: the one-time enrollment token goes with the first registration, which
         # answers with this agent's own credential; that is kept in `dir` and sent from then on.
@@ -103,6 +108,7 @@ class Agent:
         # The local model of the round being sent, written to `dir` while it uploads.
         self._save_thread: ThreadPoolExecutor | None = None
         self._saving: Future[None] | None = None
+        self._answered = threading.Event()  # the upload being saved for was answered
 
     # --- helpers --------------------------------------------------------------------------
     def _call(self, action: Callable[[], T]) -> T:
@@ -122,7 +128,11 @@ class Agent:
             self._save_thread = ThreadPoolExecutor(1, thread_name_prefix="fedloop-agent-save")
         return self._save_thread
 
-    def _save_local(self, data: ModelBody, meta: dict[str, Any], state: AgentState) -> None:
+    def _save_local(
+        self, data: ModelBody, meta: dict[str, Any], state: AgentState, answered: threading.Event
+    ) -> None:
+        if answered.wait(self.keep_local_after):
+            return  # the aggregator has it, or refused it: nothing to resume
         self.dir.save_local(data, meta)
         self.dir.save(state, durable=False)
 
@@ -274,13 +284,15 @@ class Agent:
         }
         data = codec.encode_parts(new)  # views of `new`: written and uploaded without a copy
         self._local = (data, meta)
-        # The upload starts at once; the local model goes to `dir` meanwhile, on a thread (both
-        # are mostly the kernel copying). Only then is `sending` saved: a restart resumes the
-        # upload from the file. An agent killed before that trains again, and if its first
-        # upload got through the aggregator refuses the second as duplicate_upload.
+        # The upload starts at once. If it is not answered within `keep_local_after`, the local
+        # model goes to `dir`, on a thread, and only then is `sending` saved: a restart resumes
+        # the upload from the file. An agent killed before that trains again, and if its first
+        # upload got through the aggregator refuses the second as duplicate_upload. A quick
+        # upload spares the copy to disk (deploy 10 × 4 MB: 20 % of the agents' CPU).
         self.state.phase = Phase.SENDING
         snapshot = dataclasses.replace(self.state)
-        self._saving = self._saver().submit(self._save_local, data, meta, snapshot)
+        self._answered = threading.Event()
+        self._saving = self._saver().submit(self._save_local, data, meta, snapshot, self._answered)
 
     def _send(self) -> None:
         pending, self._local = self._local or self.dir.load_local(), None
@@ -310,14 +322,17 @@ class Agent:
                         agent_id, meta["round"], data, meta["num_samples"], meta["metrics"]
                     )
                 )
+                self._answered.set()
                 self.state.rounds_trained += 1
                 if self.asynchronous:
                     self._wait_after = max(self._wait_after, reply.round - 1)
                 log.info("round %d: uploaded (%d/%d)", reply.round, reply.uploads, reply.needed)
             except Refused as exc:
                 if exc.code not in _OVERTAKEN | _DAMAGED:
-                    raise
+                    raise  # kept for a restart (an unreachable aggregator is retried in _call)
+                self._answered.set()
                 log.info("local model of round %d discarded: %s", meta["round"], exc)
+        self._answered.set()  # overtaken, or sent through secure aggregation
         self._saved()
         self.dir.clear_local()
         self._enter(Phase.WAITING_GM)
