@@ -188,3 +188,28 @@ def test_a_kept_last_upload_of_another_shape_is_refused_when_added() -> None:
     assert running.count == 2
     mean = running.as_update(like={"w": np.zeros(10, np.float32)}).weights["w"]
     np.testing.assert_array_equal(mean, _float64_mean(updates, "w").astype(np.float32))
+
+
+@pytest.mark.parametrize("counts", [(1,), (1, 1), (3, 1), (5, 3), (1, 1, 1, 1), (7, 9), (1, 2)])
+def test_a_mean_over_a_power_of_two_samples_has_the_bits_of_the_division(
+    counts: tuple[int, ...],
+) -> None:
+    # N a power of two is divided by multiplying with 1/N (exact): the bits must be those of
+    # the division, tiny and subnormal values included; other N (here 3) still divide.
+    shapes = {"big": BIG, "small": 5}
+    updates = _updates(shapes, counts, seed=3)
+    for update in updates:
+        update.weights["small"][:] = [1e-45, -3e-39, 1.5e-38, 3.4e38, -0.0]
+    like = {k: np.zeros(n, np.float32) for k, n in shapes.items()}
+    running = RunningMean()
+    for i, update in enumerate(updates):
+        running.add(update, parallel=True, last=i == len(updates) - 1)
+    closed = running.as_update(like=like).weights
+    folded = RunningMean()
+    for update in updates:
+        folded.add(update)  # from two on, folded as they come: the sums divided on their own
+    divided = folded.as_update().weights
+    for key in shapes:
+        expected = _float64_mean(updates, key)
+        np.testing.assert_array_equal(divided[key], expected)
+        np.testing.assert_array_equal(closed[key], expected.astype(np.float32))

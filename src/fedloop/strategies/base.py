@@ -260,9 +260,19 @@ def _scale_range(y: Array, out: Array, weight: float, start: int, stop: int) -> 
     np.multiply(y[start:stop], weight, out=out[start:stop], dtype=np.float64)
 
 
+def _divide(x: Array, n: int, out: Array) -> None:
+    """out = x / n, cast to out's dtype. For n a power of two, x · (1/n): 1/n is exact, so both
+    round the same real number once and give the same bits, and a multiplication costs about
+    half a division (0.25 vs 0.52 ms per million float64 values here)."""
+    if n > 0 and n & (n - 1) == 0 and n < 2**1000:
+        np.multiply(x, 1.0 / n, out=out, casting="same_kind")
+    else:
+        np.divide(x, n, out=out, casting="same_kind")
+
+
 def _divide_range(sums: Array, out: Array, n: int, start: int, stop: int) -> None:
     """out[start:stop] = sums[start:stop] / n, cast to out's dtype."""
-    np.divide(sums[start:stop], n, out=out[start:stop], casting="same_kind")
+    _divide(sums[start:stop], n, out[start:stop])
 
 
 # Bytes of uploads a RunningMean keeps unfolded at most (`max_held`), past the first two.
@@ -346,7 +356,10 @@ class RunningMean:
         """out = (sums or 0) + n_1·x_1 + n_2·x_2 + …, added in that order, in float64."""
         first = 0
         if out is not sums:  # the first kept upload starts the sum: n_1·x_1 (+ sums)
-            np.multiply(xs[0], weights[0], out=out, dtype=np.float64)
+            if weights[0] == 1.0:  # 1·x is x: a cast, half the time of a multiplication
+                np.copyto(out, xs[0], casting="unsafe")
+            else:
+                np.multiply(xs[0], weights[0], out=out, dtype=np.float64)
             if sums is not None:
                 np.add(out, sums, out=out)  # IEEE addition commutes: sums + n_1·x_1
             first = 1
@@ -514,7 +527,7 @@ class RunningMean:
             total = scratch[: end - at]
             base = sums[at:end] if sums is not None else None
             self._sum_block(total, base, [x[at:end] for x in xs], weights)
-            np.divide(total, n, out=out[at:end], casting="same_kind")
+            _divide(total, n, out[at:end])
 
     def as_update(
         self,
