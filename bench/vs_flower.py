@@ -4,6 +4,7 @@
     python bench/vs_flower.py                               # every case that fits
     python bench/vs_flower.py --cases 'deploy:100:*,sim:*:100' --rounds 5
     python bench/vs_flower.py --flower-venv /tmp/fedloop-bench-flower   # (the default)
+    python bench/vs_flower.py --cases 'deploy:*:4' --distinct            # local models differ
 
 Cases are MODE:AGENTS:MODEL_MB with MODE ∈ {sim, deploy}, AGENTS ∈ {2, 10, 100}, MODEL_MB ∈
 {4, 100}; `*` matches anything. Every case runs both systems, one after the other, each in fresh
@@ -17,7 +18,10 @@ than when the case times out); no figure is ever estimated.
 The workload: a model of MODEL_MB MB of float32 in four tensors (fedloop.ml.noop.NoopEngine),
 FedAvg over all agents every round, "training" that returns the received weights unchanged,
 no evaluation. What is timed is therefore each system's own cost: transport, (de)serialisation,
-storage, aggregation, scheduling.
+storage, aggregation, scheduling. Those local models are all alike, and fedloop's store keeps
+each distinct model once (by content address): after round 1 it writes no model file. With
+`--distinct` every local model differs (both systems copy the first tensor and change two
+values: `NoopEngine(vary=True)`, `flower_bench.py --distinct`), so fedloop stores each one.
 
 fedloop
   deploy  a real `python -m fedloop aggregator` (SQLite + blob store in a temp dir) and N real
@@ -239,10 +243,12 @@ def flower_version(python: str) -> str:
 
 
 def run_flower(python: str, mode: str, agents: int, model_mb: float, rounds: int,
-               timeout: float) -> dict[str, Any]:  # fmt: skip
+               timeout: float, distinct: bool = False) -> dict[str, Any]:  # fmt: skip
     root = Path(tempfile.mkdtemp(prefix="fedloop-vs-flower-"))
     out = root / "result.json"
     common = ["--agents", str(agents), "--model-mb", str(model_mb), "--rounds", str(rounds)]
+    vary = ["--distinct"] if distinct else []
+    common += vary
     processes: list[subprocess.Popen[bytes]] = []
     try:
         if mode == "sim":
@@ -272,7 +278,7 @@ def run_flower(python: str, mode: str, agents: int, model_mb: float, rounds: int
             clients: list[tuple[str, subprocess.Popen[bytes], Path]] = []
             for i in range(agents):
                 client = [python, str(FLOWER_HELPER), "client", "--model-mb", str(model_mb),
-                          "--port", str(port)]  # fmt: skip
+                          "--port", str(port), *vary]  # fmt: skip
                 with open(root / f"c{i}.log", "wb") as log:
                     process = subprocess.Popen(client, stdout=log, stderr=log, env=env(), cwd=root)
                 processes.append(process)
@@ -299,7 +305,9 @@ def run_flower(python: str, mode: str, agents: int, model_mb: float, rounds: int
 
 
 # --- fedloop ------------------------------------------------------------------------------
-def run_fedloop_deploy(agents: int, model_mb: float, rounds: int, timeout: float) -> dict[str, Any]:
+def run_fedloop_deploy(
+    agents: int, model_mb: float, rounds: int, timeout: float, distinct: bool = False
+) -> dict[str, Any]:
     import httpx
 
     from fedloop.demo import wait_until_up, write_config
@@ -325,7 +333,7 @@ def run_fedloop_deploy(agents: int, model_mb: float, rounds: int, timeout: float
             command = [
                 *cmd, "agent", "fedloop.ml.noop:NoopEngine", "--url", url, "--name", f"b{i}",
                 "--workdir", str(root / f"b{i}"), "--mode", "push",
-                "--set", f"model_mb={model_mb}",
+                "--set", f"model_mb={model_mb}", *(["--set", "vary=1"] if distinct else []),
             ]  # fmt: skip
             with open(root / f"b{i}.log", "wb") as log:
                 processes.append(subprocess.Popen(command, stdout=log, stderr=log, env=env()))
@@ -370,7 +378,9 @@ def fedloop_sim_driver() -> str:
     return "Aggregator in-process, own driver (fedloop.sim not importable)"
 
 
-async def _sim(agents: int, model_mb: float, rounds: int, data_dir: Path) -> list[float]:
+async def _sim(
+    agents: int, model_mb: float, rounds: int, data_dir: Path, distinct: bool = False
+) -> list[float]:
     """Drive an in-process Aggregator with `agents` virtual no-op agents; return round ends."""
     from fedloop.aggregator.service import Aggregator
     from fedloop.config import AggregatorConfig
@@ -378,7 +388,7 @@ async def _sim(agents: int, model_mb: float, rounds: int, data_dir: Path) -> lis
     from fedloop.protocol import codec
     from fedloop.protocol.messages import RegisterRequest, UploadRequest
 
-    engine = NoopEngine(model_mb=model_mb)
+    engine = NoopEngine(model_mb=model_mb, vary=distinct)
     config = AggregatorConfig(
         data_dir=data_dir, min_agents=agents, rounds=rounds, log_level="warning"
     )
@@ -412,7 +422,9 @@ async def _sim(agents: int, model_mb: float, rounds: int, data_dir: Path) -> lis
     return ends
 
 
-def _sim_fedloop_sim(agents: int, model_mb: float, rounds: int, data_dir: Path) -> dict[str, Any]:
+def _sim_fedloop_sim(
+    agents: int, model_mb: float, rounds: int, data_dir: Path, distinct: bool = False
+) -> dict[str, Any]:
     """Run `fedloop.sim` (LocalBackend: its default process pool) and return round ends."""
     from fedloop.sim import LocalBackend, Observer, SimSettings, run
 
@@ -427,7 +439,8 @@ def _sim_fedloop_sim(agents: int, model_mb: float, rounds: int, data_dir: Path) 
     backend = LocalBackend()
     result = run(
         SimSettings("fedloop.ml.noop:NoopEngine", num_agents=agents, rounds=rounds,
-                    params={"model_mb": model_mb}, data_dir=data_dir, evaluate=False),
+                    params={"model_mb": model_mb, "vary": distinct}, data_dir=data_dir,
+                    evaluate=False),
         backend, stamps,
     )  # fmt: skip
     return {
@@ -437,7 +450,7 @@ def _sim_fedloop_sim(agents: int, model_mb: float, rounds: int, data_dir: Path) 
     }
 
 
-def sim_child(agents: int, model_mb: float, rounds: int) -> None:
+def sim_child(agents: int, model_mb: float, rounds: int, distinct: bool = False) -> None:
     """Run one fedloop simulation in this (fresh) process and print its JSON result."""
     import logging
 
@@ -446,17 +459,21 @@ def sim_child(agents: int, model_mb: float, rounds: int) -> None:
     started = time.time()
     try:
         if importlib.util.find_spec("fedloop.sim") is not None:
-            out = _sim_fedloop_sim(agents, model_mb, rounds, root / "data")
+            out = _sim_fedloop_sim(agents, model_mb, rounds, root / "data", distinct)
         else:
-            out = {"round_ends": asyncio.run(_sim(agents, model_mb, rounds, root / "data"))}
+            ends = asyncio.run(_sim(agents, model_mb, rounds, root / "data", distinct))
+            out = {"round_ends": ends}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     out.update(start=started, server_peak_rss_mb=round(peak_rss_mb(os.getpid()), 1))
     print(json.dumps(out))
 
 
-def run_fedloop_sim(agents: int, model_mb: float, rounds: int, timeout: float) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--_sim-child", f"{agents}:{model_mb}:{rounds}"]
+def run_fedloop_sim(
+    agents: int, model_mb: float, rounds: int, timeout: float, distinct: bool = False
+) -> dict[str, Any]:
+    child = f"{agents}:{model_mb}:{rounds}:{int(distinct)}"
+    command = [sys.executable, __file__, "--_sim-child", child]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env())
     except subprocess.TimeoutExpired:
@@ -525,12 +542,17 @@ def main() -> None:
         default=None,
         help="run one system only (e.g. a case too large for the other on this machine)",
     )
+    parser.add_argument(
+        "--distinct",
+        action="store_true",
+        help="every local model differs (no-training still), so fedloop stores each one",
+    )
     parser.add_argument("--_sim-child", dest="sim_child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()  # fmt: skip
 
     if args.sim_child:
-        n, mb, r = args.sim_child.split(":")
-        sim_child(int(n), float(mb), int(r))
+        n, mb, r, d = args.sim_child.split(":")
+        sim_child(int(n), float(mb), int(r), d == "1")
         return
 
     patterns = QUICK if args.quick else (args.cases.split(",") if args.cases else ["*"])
@@ -544,7 +566,7 @@ def main() -> None:
         rounds = rounds_for(agents, model_mb, args.rounds)
         line: dict[str, Any] = {
             "bench": "vs_flower", "case": f"{mode}:{agents}:{model_mb}", "mode": mode,
-            "agents": agents, "model_mb": model_mb, "rounds": rounds,
+            "agents": agents, "model_mb": model_mb, "rounds": rounds, "distinct": args.distinct,
         }  # fmt: skip
         systems = [args.only] if args.only else list(SYSTEMS)
         need = max(estimated_mb(s, mode, agents, model_mb) for s in systems)
@@ -561,20 +583,25 @@ def main() -> None:
             flower: dict[str, Any] = {"skipped": "--only fedloop"}
             if "fedloop" in systems and mode == "sim":
                 waited = settle()
-                fedloop = run_fedloop_sim(agents, model_mb, rounds, args.case_timeout)
+                fedloop = run_fedloop_sim(
+                    agents, model_mb, rounds, args.case_timeout, args.distinct
+                )
                 fedloop["driver"] = fedloop_sim_driver()
                 fedloop["settled_s"] = waited
             elif "fedloop" in systems:
                 waited = settle()
-                fedloop = run_fedloop_deploy(agents, model_mb, rounds, args.case_timeout)
+                fedloop = run_fedloop_deploy(
+                    agents, model_mb, rounds, args.case_timeout, args.distinct
+                )
                 fedloop["driver"] = f"{agents} agent processes + aggregator process"
                 fedloop["settled_s"] = waited
             if "flower" in systems:
                 assert flower_python is not None
                 waited = settle()
                 flower = run_flower(
-                    flower_python, mode, agents, model_mb, rounds, args.case_timeout
-                )
+                    flower_python, mode, agents, model_mb, rounds, args.case_timeout,
+                    args.distinct,
+                )  # fmt: skip
                 flower["driver"] = (
                     "legacy start_simulation (Ray)" if mode == "sim"
                     else f"legacy start_server + {agents} start_client processes (grpc-bidi)"

@@ -57,8 +57,10 @@ def peak_rss_mb() -> float:
 
 
 class NoopClient(NumPyClient):
-    def __init__(self, model_mb: float) -> None:
+    def __init__(self, model_mb: float, distinct: bool = False) -> None:
         self.model_mb = model_mb
+        self.distinct = distinct  # as fedloop's NoopEngine(vary=True): two values changed
+        self.calls = 0
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
         return initial_weights(self.model_mb)
@@ -66,7 +68,13 @@ class NoopClient(NumPyClient):
     def fit(
         self, parameters: list[np.ndarray], config: dict[str, Any]
     ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
-        return parameters, 1, {}
+        if not self.distinct:
+            return parameters, 1, {}
+        self.calls += 1
+        changed = np.array(parameters[0], copy=True)
+        flat = changed.reshape(-1)
+        flat[: min(2, flat.size)] = [os.getpid() % 2**24, self.calls % 2**24][: flat.size]
+        return [changed, *parameters[1:]], 1, {}
 
 
 class TimedFedAvg(FedAvg):
@@ -117,7 +125,7 @@ def run_sim(args: argparse.Namespace) -> None:
     strat = strategy(args.agents, args.model_mb)
     cpus = os.cpu_count() or 1
     start_simulation(
-        client_fn=lambda context: NoopClient(args.model_mb).to_client(),
+        client_fn=lambda context: NoopClient(args.model_mb, args.distinct).to_client(),
         num_clients=args.agents,
         client_resources={"num_cpus": 1, "num_gpus": 0.0},
         config=ServerConfig(num_rounds=args.rounds),
@@ -151,7 +159,7 @@ def run_client(args: argparse.Namespace) -> None:
 
     start_client(
         server_address=f"127.0.0.1:{args.port}",
-        client=NoopClient(args.model_mb).to_client(),
+        client=NoopClient(args.model_mb, args.distinct).to_client(),
         grpc_max_message_length=GRPC_MAX,
         insecure=True,
         transport="grpc-bidi",
@@ -168,6 +176,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--out", default="")
+    parser.add_argument("--distinct", action="store_true", help="every local model differs")
     args = parser.parse_args()
     {"sim": run_sim, "server": run_server, "client": run_client}[args.mode](args)
 
