@@ -73,6 +73,12 @@ class AggregatorConfig(BaseModel):
     # model is missing. `fedloop simulate` turns it off: a simulation does not resume after a
     # crash, and one fsync per local model was ≈ 40 % of its driver's time at 1,000 agents.
     fsync_models: bool = True
+    # Store each local model's bytes as a blob. Its row (agent, round, samples, metrics and the
+    # model's content address) is always kept. Off: an aggregator restarted mid-round cannot
+    # count that round's uploads again (they are dropped, with a warning). `fedloop simulate`
+    # turns it off unless asked: a simulation does not resume after a crash, and 1,000 agents
+    # × one model each per round fill a disk (and, at its write speed, bound the round).
+    keep_local_models: bool = True
     log_level: str = "info"
     # TLS on the aggregator's port; with tls_client_ca, agents must present a certificate
     # signed by that CA (mutual TLS).

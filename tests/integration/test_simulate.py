@@ -108,6 +108,29 @@ def test_threads_and_processes_give_the_same_global_model(tmp_path: Path) -> Non
     ]
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_local_models_are_filed_and_their_bytes_stored_only_when_asked(
+    tmp_path: Path, keep: bool
+) -> None:
+    # Every local model differs (NoopEngine vary): nothing is deduplicated by content address.
+    settings = SimSettings(
+        "fedloop.ml.noop:NoopEngine", num_agents=4, rounds=2, params={"model_mb": 0.01,
+        "vary": True}, data_dir=tmp_path / "run", evaluate=False, keep_local_models=keep,
+    )  # fmt: skip
+    run(settings, LocalBackend(workers=2, pool="process"))
+    store = Store(database_url(tmp_path / "run", None))
+    try:
+        local = store.local_models()
+        global_ids = {m.model_id for m in store.global_models()}
+    finally:
+        store.close()
+    assert len(local) == 8 and len({row.model_id for row in local}) == 8  # rows always kept
+    blobs = {path.stem for path in (tmp_path / "run" / "blobs").glob("*/*/*.safetensors")}
+    local_ids = {row.model_id for row in local}
+    assert global_ids <= blobs
+    assert (local_ids <= blobs) if keep else not (local_ids & blobs)
+
+
 def test_a_failing_agent_stops_the_run_with_its_index_and_error(tmp_path: Path) -> None:
     settings = SimSettings(f"{__name__}:Boom", num_agents=6, rounds=2, data_dir=tmp_path / "b")
     with pytest.raises(AgentFailed, match=r"virtual agent 3 failed in train.*corrupt") as info:

@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fedloop.aggregator.service import Aggregator
 from fedloop.config import AggregatorConfig
@@ -160,5 +161,34 @@ def test_a_failed_filing_answers_every_upload_waiting_for_it(tmp_path: Path) -> 
             assert not agg.pending
         finally:
             await agg.stop()
+
+    asyncio.run(go())
+
+
+def test_a_restart_mid_round_drops_uploads_whose_bytes_were_not_kept(tmp_path: Path) -> None:
+    # keep_local_models=False (a simulation's default): rows only, so a restarted aggregator
+    # cannot count them again; it says so and waits for new uploads instead of failing.
+    async def go() -> None:
+        config = AggregatorConfig(
+            data_dir=tmp_path, min_agents=2, rounds=1, keep_local_models=False
+        )
+        agg = Aggregator(config)
+        await agg.start()
+        a = (await agg.register(RegisterRequest(agent_name="a"), weights(0.0))).agent_id
+        b = (await agg.register(RegisterRequest(agent_name="b"), b"")).agent_id
+        await agg.upload(request(a), weights(1.0))
+        assert not agg.blobs.exists(agg.store.local_models(1)[0].model_id)
+        await agg.stop()
+        again = Aggregator(config)
+        await again.start()
+        try:
+            assert again.round == 1 and not again.pending
+            # a's row is still there: its upload is refused as a duplicate, b's counts.
+            with pytest.raises(ProtocolError, match="already"):
+                await again.upload(request(a), weights(1.0))
+            await again.upload(request(b), weights(3.0))
+            assert len(again.pending) == 1 and again.global_round == 0
+        finally:
+            await again.stop()
 
     asyncio.run(go())

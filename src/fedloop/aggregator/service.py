@@ -41,7 +41,7 @@ from fedloop.protocol.messages import (
     UploadResponse,
 )
 from fedloop.security import tokens
-from fedloop.store.blobs import BlobStore, BodyPool
+from fedloop.store.blobs import BlobStore, BodyPool, blob_id
 from fedloop.store.db import (
     AgentRow,
     DuplicateUpload,
@@ -211,6 +211,13 @@ class Aggregator:
         if opened is not None:
             self.round, self.round_started = opened.number, opened.started_at
             for row in self.store.local_models(opened.number):
+                if not self.blobs.exists(row.model_id):  # keep_local_models was off
+                    log.warning(
+                        "round %d: the local model of %s was not kept; it is not counted",
+                        opened.number,
+                        row.agent_id,
+                    )
+                    continue
                 self._hold(
                     Update(
                         weights=codec.decode(self.blobs.get(row.model_id)),
@@ -657,6 +664,8 @@ class Aggregator:
         # A body read by the HTTP layer (or a simulation worker) was hashed while it was
         # filled (`HashedBody.digest`): do not hash 100s of MB a second time.
         digest: str | None = getattr(body, "digest", None)
+        if not self.config.keep_local_models:  # the row keeps the content address only
+            return weights, digest or blob_id(body)
         return weights, self.blobs.put(body, key=digest)
 
     async def upload(self, request: UploadRequest, body: codec.Bytes) -> UploadResponse:

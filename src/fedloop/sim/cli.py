@@ -185,6 +185,13 @@ def simulate(
     overwrite: Annotated[
         bool, typer.Option(help="Replace an earlier run's database in --data-dir.")
     ] = False,
+    keep_local_models: Annotated[
+        bool,
+        typer.Option(
+            help="Store every local model's bytes too (their rows, with metrics and content "
+            "address, are always kept)."
+        ),
+    ] = False,
     engine: Annotated[str, typer.Option(help="Where agents train: local or ray.")] = "local",
     workers: Annotated[
         int | None,
@@ -228,6 +235,7 @@ def simulate(
             strategy_params=parse_sets(strategy_set, "--strategy-set"),
             evaluate=evaluate,
             overwrite=overwrite,
+            keep_local_models=keep_local_models,
         )
         backend = _backend(engine, workers, pool, ray_address, cpus_per_agent, gpus_per_agent)
         result = _run(settings, backend, err if progress else None)

@@ -547,6 +547,9 @@ class SimSettings:
     evaluate: bool = True  # measure every global model with agent 0's engine's evaluate()
     overwrite: bool = False  # replace an earlier run's database in data_dir
     concurrent_uploads: int = 2  # batches of local models in the aggregator's hands at once
+    # Store every local model's bytes too (their rows, with metrics and content address, are
+    # always kept): off by default, as 1,000 agents × one model per round fill a disk.
+    keep_local_models: bool = False
 
     @property
     def per_round(self) -> int:
@@ -625,6 +628,7 @@ def aggregator_config(settings: SimSettings) -> AggregatorConfig:
             "evaluate": _evaluate_config(settings),
             # A simulation does not resume after a crash: no fsync per stored model.
             "fsync_models": False,
+            "keep_local_models": settings.keep_local_models,
         }
     )
 
