@@ -318,3 +318,28 @@ def test_blob_store_writes_again_after_its_directories_were_removed(tmp_path: Pa
     shutil.rmtree(tmp_path / "blobs" / first[:2])  # e.g. an operator pruning by hand
     again = blobs.put(b"one")
     assert again == first and blobs.get(first) == b"one"
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_a_blob_on_disk_leaves_the_page_cache_and_reads_back_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsync: bool
+) -> None:
+    # Written once, seldom read: once fsynced, its pages are dropped from the cache (a
+    # simulation does not fsync, and its workers map the stored global model: kept there).
+    import os
+
+    advice: list[tuple[int, int, int, int]] = []
+    real = os.posix_fadvise
+
+    def spy(fd: int, offset: int, length: int, what: int) -> None:
+        advice.append((fd, offset, length, what))
+        real(fd, offset, length, what)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    blobs = BlobStore(tmp_path / "blobs", fsync=fsync)
+    data = np.arange(300_000, dtype=np.float32).tobytes()
+    key = blobs.put(data)
+    parts_key = blobs.put_parts([data[:1000], memoryview(data)[1000:], b"x"])
+    expected = [(0, 0, os.POSIX_FADV_DONTNEED)] * 2 if fsync else []
+    assert [a[1:] for a in advice] == expected
+    assert blobs.get(key) == data and blobs.get(parts_key) == data + b"x"
