@@ -77,7 +77,7 @@ class AggregatorConfig(BaseModel):
     # model's content address) is always kept. Off: an aggregator restarted mid-round cannot
     # count that round's uploads again (they are dropped, with a warning). `fedloop simulate`
     # turns it off unless asked: a simulation does not resume after a crash, and 1,000 agents
-    # × one model each per round fill a disk (and, at its write speed, bound the round).
+    # × one model each per round fill a disk.
     keep_local_models: bool = True
     log_level: str = "info"
     # TLS on the aggregator's port; with tls_client_ca, agents must present a certificate
