@@ -24,6 +24,15 @@ def request(agent_id: str, round_number: int = 1, samples: int = 1) -> UploadReq
     return UploadRequest(agent_id=agent_id, round=round_number, num_samples=samples, metrics={})
 
 
+async def register(agg: Aggregator, count: int) -> list[str]:
+    """Register agents a0, a1, …; the first brings the initial model (zeros)."""
+    ids = []
+    for i in range(count):
+        body = weights(0.0) if i == 0 else b""
+        ids.append((await agg.register(RegisterRequest(agent_name=f"a{i}"), body)).agent_id)
+    return ids
+
+
 def test_a_batch_refuses_each_bad_upload_and_keeps_the_good_ones(tmp_path: Path) -> None:
     async def go() -> None:
         config = AggregatorConfig(data_dir=tmp_path, min_agents=4, rounds=2)
@@ -83,11 +92,7 @@ def test_uploads_waiting_for_the_lock_are_filed_together_and_each_answered(
         agg = Aggregator(config)
         await agg.start()
         try:
-            ids = []
-            for i in range(6):
-                body = weights(0.0) if i == 0 else b""
-                registered = await agg.register(RegisterRequest(agent_name=f"a{i}"), body)
-                ids.append(registered.agent_id)
+            ids = await register(agg, 6)
             transactions: list[int] = []
             add_rows = agg.store.add_local_models
             agg.store.add_local_models = lambda rows: (  # type: ignore[method-assign]
@@ -142,11 +147,7 @@ def test_a_failed_filing_answers_every_upload_waiting_for_it(tmp_path: Path) -> 
         agg = Aggregator(config)
         await agg.start()
         try:
-            ids = []
-            for i in range(3):
-                body = weights(0.0) if i == 0 else b""
-                registered = await agg.register(RegisterRequest(agent_name=f"a{i}"), body)
-                ids.append(registered.agent_id)
+            ids = await register(agg, 3)
 
             def broken(rows: object) -> None:
                 raise OSError("disk full")
