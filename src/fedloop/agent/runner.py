@@ -322,7 +322,6 @@ class Agent:
                         agent_id, meta["round"], data, meta["num_samples"], meta["metrics"]
                     )
                 )
-                self._answered.set()
                 self.state.rounds_trained += 1
                 if self.asynchronous:
                     self._wait_after = max(self._wait_after, reply.round - 1)
@@ -330,9 +329,8 @@ class Agent:
             except Refused as exc:
                 if exc.code not in _OVERTAKEN | _DAMAGED:
                     raise  # kept for a restart (an unreachable aggregator is retried in _call)
-                self._answered.set()
                 log.info("local model of round %d discarded: %s", meta["round"], exc)
-        self._answered.set()  # overtaken, or sent through secure aggregation
+        self._answered.set()  # answered, refused, overtaken or sent securely: nothing to keep
         self._saved()
         self.dir.clear_local()
         self._enter(Phase.WAITING_GM)

@@ -263,7 +263,8 @@ def _scale_range(y: Array, out: Array, weight: float, start: int, stop: int) -> 
 def _divide(x: Array, n: int, out: Array) -> None:
     """out = x / n, cast to out's dtype. For n a power of two, x · (1/n): 1/n is exact, so both
     round the same real number once and give the same bits, and a multiplication costs about
-    half a division (0.25 vs 0.52 ms per million float64 values here)."""
+    half a division (per million float64 values here: 0.20 vs 0.54 ms, 0.40 vs 0.76 ms when
+    cast to float32)."""
     if n > 0 and n & (n - 1) == 0 and n < 2**1000:
         np.multiply(x, 1.0 / n, out=out, casting="same_kind")
     else:
