@@ -14,7 +14,9 @@ from hypothesis import strategies as hs
 from hypothesis.extra import numpy as hnp
 
 from fedloop.errors import ProtocolError
+from fedloop.protocol import codec
 from fedloop.protocol.codec import ModelSpec, check_against, decode, decode_checked, encode
+from fedloop.store.blobs import blob_id, new_hasher
 
 DTYPES = ["float64", "float32", "float16", "int64", "int32", "int8", "uint8", "bool"]
 
@@ -133,3 +135,46 @@ def test_decode_checked_accepts_a_matching_model() -> None:
     assert set(decode_checked(encode(model), SPEC)) == {"w", "b"}
     assert ModelSpec.from_json(SPEC.to_json()) == SPEC
     assert SPEC.nbytes == 24
+
+
+def _mixed_model(bad: tuple[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Tensors of several dtypes, one spanning many check blocks; `bad`: (name, index) → inf."""
+    rng = np.random.default_rng(7)
+    model = {
+        "big": rng.standard_normal(3 * codec._FINITE_BLOCK + 123).astype(np.float32),
+        "steps": np.arange(5, dtype=np.int64),
+        "half": rng.standard_normal((7, 3)).astype(np.float16),
+        "empty": np.zeros((0, 2), np.float32),
+        "last": rng.standard_normal(11),
+    }
+    if bad is not None:
+        name, index = bad
+        model[name].reshape(-1)[index] = np.inf
+    return model
+
+
+def test_decode_checked_hashes_every_byte_in_order_in_the_checking_pass() -> None:
+    data = b"".join(bytes(p) for p in codec.encode_parts(_mixed_model()))
+    for finite in (True, False):
+        hasher = new_hasher()
+        decode_checked(bytearray(data), None, finite, hasher)
+        assert hasher.hexdigest() == blob_id(data)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [("big", 0), ("big", 2 * codec._FINITE_BLOCK + 5), ("big", -1), ("half", 20), ("last", 3)],
+)
+def test_decode_checked_with_a_hasher_names_the_first_tensor_not_finite(
+    bad: tuple[str, int],
+) -> None:
+    model = _mixed_model(bad)
+    model["last"][0] = np.nan  # a later tensor is bad too: the first one is named
+    data = b"".join(bytes(p) for p in codec.encode_parts(model))
+    with pytest.raises(ProtocolError) as info:
+        decode_checked(data, None, True, new_hasher())
+    assert info.value.code == "not_finite" and repr(bad[0]) in str(info.value)
+    # Without the check, the same bytes hash as a whole.
+    hasher = new_hasher()
+    decode_checked(data, None, False, hasher)
+    assert hasher.hexdigest() == blob_id(data)

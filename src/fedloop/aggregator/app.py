@@ -110,10 +110,10 @@ class BlobResponse(ModelResponse):
 async def read_body(request: Request, limit: int, pool: BodyPool | None = None) -> bytearray:
     """Return the request body, refusing it as soon as it passes `limit` bytes.
 
-    The body is a `HashedBody`: its content address is computed chunk by chunk as it streams in, so
-    storing it as a blob does not read 100s of MB a second time. With a `pool`, a body of
-    known size goes into a reused buffer (no zero-fill, no page faults); a large one is read
-    by the socket straight into it where the server offers that (`direct.DirectBody`).
+    The body is a `HashedBody`. With a `pool`, a body of known size goes into a reused buffer
+    (no zero-fill, no page faults). A large one is read by the socket straight into it where
+    the server offers that (`direct.DirectBody`), and left unhashed (``digest`` None): its
+    taker hashes it on a worker thread. Others are hashed chunk by chunk as they stream in.
     """
     hasher = new_hasher()
     declared = request.headers.get("content-length")
@@ -132,9 +132,11 @@ async def read_body(request: Request, limit: int, pool: BodyPool | None = None) 
         body = pool.acquire(size) if pool is not None else HashedBody(size)
         direct = request.scope.get("extensions", {}).get(EXTENSION)
         if isinstance(direct, DirectBody) and direct.size == size:
+            # Not hashed here: the event loop's thread only moves the bytes, and whoever
+            # takes the body hashes it on a worker thread (`Aggregator._check_and_store`, in
+            # the pass that checks the values; `BlobStore.put`).
             with memoryview(body) as view:
-                await direct.read_into(view, hasher.update)
-            body.digest = hasher.hexdigest()
+                await direct.read_into(view)
             return body
         view, filled = memoryview(body), 0
         async for chunk in request.stream():

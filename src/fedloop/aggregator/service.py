@@ -41,7 +41,7 @@ from fedloop.protocol.messages import (
     UploadResponse,
 )
 from fedloop.security import tokens
-from fedloop.store.blobs import BlobStore, BodyPool, blob_id
+from fedloop.store.blobs import BlobStore, BodyPool, new_hasher
 from fedloop.store.db import (
     AgentRow,
     DuplicateUpload,
@@ -655,17 +655,23 @@ class Aggregator:
         """Validate a local model and write its blob (outside the lock: uploads overlap);
         return the refusal instead for a body that is not a valid model."""
         assert self.spec is not None
+        # A body hashed as it was filled (`HashedBody.digest`, a simulation worker's
+        # `MappedBody`) is not hashed again; a large one from the HTTP layer is hashed here,
+        # in the pass that checks its values (`direct`: not on the event loop's thread).
+        digest: str | None = getattr(body, "digest", None)
+        hasher = new_hasher() if digest is None else None
         try:
             # A simulation worker checked the values it wrote (`MappedBody.finite`): names,
             # shapes and dtypes are checked here, every value again only for other bodies.
-            weights = codec.decode_checked(body, self.spec, not getattr(body, "finite", False))
+            weights = codec.decode_checked(
+                body, self.spec, not getattr(body, "finite", False), hasher
+            )
         except ProtocolError as exc:
             return exc
-        # A body read by the HTTP layer (or a simulation worker) was hashed while it was
-        # filled (`HashedBody.digest`): do not hash 100s of MB a second time.
-        digest: str | None = getattr(body, "digest", None)
+        digest = hasher.hexdigest() if hasher is not None else digest
+        assert digest is not None
         if not self.config.keep_local_models:  # the row keeps the content address only
-            return weights, digest or blob_id(body)
+            return weights, digest
         return weights, self.blobs.put(body, key=digest)
 
     async def upload(self, request: UploadRequest, body: codec.Bytes) -> UploadResponse:

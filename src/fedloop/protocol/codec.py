@@ -15,7 +15,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -273,21 +273,59 @@ def check_against(
     )
     bad = [i for i, ok in checked if not ok]
     if bad:
-        raise ProtocolError(
-            f"tensor {floats[min(bad)][0]!r} contains NaN or Inf; fix the training that "
-            "produced it",
-            422,
-            "not_finite",
-        )
+        raise _not_finite(floats[min(bad)][0])
 
 
-def decode_checked(data: Bytes, spec: ModelSpec | None, finite: bool = True) -> Weights:
+class Hasher(Protocol):
+    def update(self, data: memoryview, /) -> object: ...
+
+
+def _not_finite(name: str) -> ProtocolError:
+    return ProtocolError(
+        f"tensor {name!r} contains NaN or Inf; fix the training that produced it",
+        422,
+        "not_finite",
+    )
+
+
+def _hash_checking(data: Bytes, weights: Weights, hasher: Hasher, finite: bool) -> None:
+    """Feed every byte of `data` to `hasher`, in order, and check the floating tensors of
+    `weights` (views of `data`, in its order) for NaN and Inf in the same pass: each block is
+    hashed, then checked while it is in cache. Raises for the first tensor not finite."""
+    view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
+    position = view.nbytes - sum(a.nbytes for a in weights.values())  # the header's end
+    hasher.update(view[:position])
+    mask = np.empty(_FINITE_BLOCK, dtype=bool)
+    for name, array in weights.items():
+        if not (finite and array.dtype.kind == "f"):
+            hasher.update(view[position : position + array.nbytes])
+            position += array.nbytes
+            continue
+        flat = array.reshape(-1)
+        for at in range(0, flat.size, _FINITE_BLOCK):
+            block = flat[at : at + _FINITE_BLOCK]
+            hasher.update(view[position : position + block.nbytes])
+            position += block.nbytes
+            out = mask[: block.size]
+            np.isfinite(block, out=out)
+            if not out.all():
+                raise _not_finite(name)
+
+
+def decode_checked(
+    data: Bytes, spec: ModelSpec | None, finite: bool = True, hasher: Hasher | None = None
+) -> Weights:
     """Return the decoded model after checking it against `spec` (or only for finiteness).
 
     ``finite=False`` leaves out the pass over the values, for bytes whose writer checked them.
+    ``hasher``: every byte of `data` is fed to it, in the pass that checks the values (one
+    read of a large model from memory instead of two); it is complete unless this raises.
     """
     weights = decode(data)
     if not weights:
         raise ProtocolError("model has no tensors", 422, "empty_model")
-    check_against(weights, spec if spec is not None else ModelSpec.of(weights), finite=finite)
+    spec = spec if spec is not None else ModelSpec.of(weights)
+    check_against(weights, spec, finite=finite and hasher is None)
+    if hasher is not None:
+        _hash_checking(data, weights, hasher, finite)
     return weights
