@@ -19,6 +19,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -140,6 +141,7 @@ def main() -> None:
     store = Store(database_url(root / "data", None))
     created = [g.created_at for g in store.global_models()]
     store.close()
+    shutil.rmtree(root, ignore_errors=True)  # 2 × the model per round; a failed run keeps it
     per_round = [round(b - a, 3) for a, b in itertools.pairwise(created)]
     agent_idle = idle_agent_mb(args.agent)
     model_mb = model_bytes / 1024 / 1024

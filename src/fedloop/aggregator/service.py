@@ -614,9 +614,11 @@ class Aggregator:
         together (one pass over the sums)."""
         if self.streams:
             # The uploads that close the round are folded by the aggregation, in the pass that
-            # divides the sums (on all cores: nothing else runs then).
+            # divides the sums. Others are folded on all cores too: the round waits on the
+            # filing, and a fold on one thread left a core idle while others waited for the lock
+            # (deploy 10 × 4 MB 0.066 → 0.064 s a round, sim 10 × 100 MB 0.416 → 0.385 s).
             closing = len(self.pending) + len(updates) >= self.needed()
-            self.running.add_many(updates, parallel=closing, last=closing)
+            self.running.add_many(updates, parallel=True, last=closing)
             updates = [
                 Update(
                     weights={},

@@ -388,8 +388,7 @@ class RunningMean:
     def add(self, update: Update, parallel: bool = False, last: bool = False) -> None:
         """Count one upload in; fold the kept ones once there are enough of them.
 
-        ``parallel``: a fold runs on several threads (`fedloop.parallel`); others arrive while
-        the cores receive more uploads.
+        ``parallel``: a fold runs on several threads (`fedloop.parallel`).
 
         ``last``: the upload that closes the round. It is kept, whatever the count, for
         as_update to fold in the pass that divides the sums into the mean: each block of
