@@ -44,11 +44,12 @@ def blob_id(data: bytes | bytearray | memoryview | mmap.mmap) -> str:
 
 
 class HashedBody(bytearray):
-    """A bytearray whose content address was computed while it was filled (``digest``, hex).
+    """A bytearray with its content address (``digest``, hex) once someone has computed it.
 
-    Hashing chunk by chunk as a body streams in costs no extra pass over a large model;
-    `BlobStore.put` then uses the digest instead of hashing the bytes again. Whoever sets
-    ``digest`` promises not to change the bytes afterwards.
+    A small body is hashed chunk by chunk as it streams in; a large one read straight into its
+    buffer is hashed by its taker on a worker thread, in the pass that checks its values
+    (``digest`` is None until then). `BlobStore.put` uses a digest instead of hashing the bytes
+    again. Whoever sets ``digest`` promises not to change the bytes afterwards.
     """
 
     digest: str | None = None
