@@ -301,9 +301,11 @@ def agent_killed_mid_upload(
         server.wait_for(lambda s: s["registered_agents"] == 1)
         agents.append(run.agent("a1", server.url, offset=2, size_mb=size_mb))
         keep = ("--keep-local-after", "0" if saved else "60")
+        # Slow before the victim starts: the third registration opens round 1, and its upload
+        # at full speed could be in before a throttle set after that (then round 2's is cut).
+        proxy.throttle(up=rate_mb * MB)
         victim = run.agent("victim", proxy.url, *keep, offset=3, size_mb=size_mb)
         server.wait_for(lambda s: s["registered_agents"] == 3)
-        proxy.throttle(up=rate_mb * MB)
         start = proxy.bytes_up
         wait_until(lambda: proxy.bytes_up - start > 4 * MB, 60, "the victim's upload")
         if saved:
