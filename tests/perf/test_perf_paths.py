@@ -7,12 +7,13 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from uploads import float32_updates
 
 from fedloop.agent.aio import AsyncAgent, run_agents
 from fedloop.demo import free_port, wait_until_up, write_config
@@ -104,20 +105,6 @@ def _updates(counts: tuple[int, ...]) -> list[Update]:
     ]
 
 
-def _float32_updates(sizes: dict[str, int], counts: Sequence[int], seed: int) -> list[Update]:
-    """Random float32 uploads of the given tensor sizes, one per num_samples in `counts`."""
-    rng = np.random.default_rng(seed)
-    return [
-        Update(
-            weights={k: rng.standard_normal(n, dtype=np.float32) for k, n in sizes.items()},
-            num_samples=c,
-            agent_id=f"a{i}",
-            base_round=0,
-        )
-        for i, c in enumerate(counts)
-    ]
-
-
 @pytest.mark.parametrize("counts", [(1,), (5,), (1, 1), (3, 1, 7), (2, 0, 2)])
 def test_running_mean_in_the_models_dtypes_equals_the_float64_route(
     counts: tuple[int, ...],
@@ -145,7 +132,7 @@ def test_running_mean_folds_in_blocks_with_the_bits_of_the_plain_float64_sum(
     # Tensors over several blocks (and not a multiple of one): the blocked fold must give the
     # very bits of (n1·y1 + n2·y2) + n3·y3 … computed on whole float64 arrays.
     sizes = {"big": 3 * 65536 + 5, "small": 7}
-    updates = _float32_updates(sizes, counts, seed=7)
+    updates = float32_updates(sizes, counts, seed=7)
     running = RunningMean()
     for update in updates:
         running.add(update)
@@ -421,7 +408,7 @@ def test_uploads_added_together_have_the_bits_of_adding_them_one_at_a_time(
     # in one pass, or all kept for the division when they close the round.
     counts = [2, 1, 7, 3, 1, 4][: sum(batches)]
     sizes = {"big": 2 * 65536 + 3, "small": 5}
-    updates = _float32_updates(sizes, counts, seed=5)
+    updates = float32_updates(sizes, counts, seed=5)
     together, alone = RunningMean(), RunningMean()
     at = 0
     for j, size in enumerate(batches):

@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pytest
+from uploads import float32_updates
 
 from fedloop import parallel
 from fedloop.errors import ProtocolError
@@ -14,20 +15,6 @@ from fedloop.protocol.codec import ModelSpec, all_finite, check_against
 from fedloop.strategies import FedAvg, RunningMean, Update
 
 BIG = parallel.MIN_SPLIT * 2 + 3 * 65536 + 11  # over the split size, not a multiple of a block
-
-
-def _updates(shapes: dict[str, int], counts: tuple[int, ...], seed: int) -> list[Update]:
-    """Random float32 uploads of the given tensor sizes, one per num_samples in `counts`."""
-    rng = np.random.default_rng(seed)
-    return [
-        Update(
-            weights={k: rng.standard_normal(n, dtype=np.float32) for k, n in shapes.items()},
-            num_samples=c,
-            agent_id=f"a{i}",
-            base_round=0,
-        )
-        for i, c in enumerate(counts)
-    ]
 
 
 def _float64_mean(updates: list[Update], key: str) -> np.ndarray:
@@ -65,7 +52,7 @@ def test_split_runs_large_work_on_several_threads_in_order() -> None:
 def test_a_split_fold_has_the_bits_of_the_whole_array_float64_mean(
     counts: tuple[int, ...],
 ) -> None:
-    updates = _updates({"big": BIG}, counts, seed=11)
+    updates = float32_updates({"big": BIG}, counts, seed=11)
     running = RunningMean()
     for update in updates:
         running.add(update, parallel=True)
@@ -105,7 +92,7 @@ def test_split_tensors_covers_each_tensor_once_in_order() -> None:
 def test_a_fold_of_many_tensors_has_the_bits_of_the_whole_array_mean() -> None:
     names = [f"t{i}" for i in range(len(SIZES))]
     shapes = dict(zip(names, SIZES, strict=True))
-    updates = _updates(shapes, (3, 1, 7), seed=5)
+    updates = float32_updates(shapes, (3, 1, 7), seed=5)
     running = RunningMean()
     for update in updates:
         running.add(update, parallel=True)
@@ -144,7 +131,7 @@ def test_a_last_upload_folded_with_the_division_has_the_bits_of_fold_then_divide
     # two uploads the float64 sums are never written. The bits must be those of the plain
     # float64 fold followed by the division, over tensors cut in 3 on threads and in blocks.
     shapes = {"big": BIG, "small": 7, "block": 65536 + 1}
-    updates = _updates(shapes, counts, seed=3)
+    updates = float32_updates(shapes, counts, seed=3)
     like = {k: np.zeros(n, np.float32) for k, n in shapes.items()} if with_like else None
     plain = _mean_of(updates, set(), like)
     fused = _mean_of(updates, {len(updates) - 1}, like)
@@ -161,7 +148,7 @@ def test_an_upload_after_a_kept_last_one_folds_it_first_and_as_update_repeats() 
     # A batch can hold more uploads than the round needs: each one past the threshold is
     # "last" in turn. The mean must count every upload once, however often it is asked for.
     shapes = {"big": BIG, "small": 5}
-    updates = _updates(shapes, (2, 3, 1, 6), seed=9)
+    updates = float32_updates(shapes, (2, 3, 1, 6), seed=9)
     like = {k: np.zeros(n, np.float32) for k, n in shapes.items()}
     running = RunningMean()
     for i, update in enumerate(updates):
@@ -176,7 +163,7 @@ def test_an_upload_after_a_kept_last_one_folds_it_first_and_as_update_repeats() 
 
 
 def test_a_kept_last_upload_of_another_shape_is_refused_when_added() -> None:
-    updates = _updates({"w": 10}, (1, 1), seed=1)
+    updates = float32_updates({"w": 10}, (1, 1), seed=1)
     wrong = Update(
         weights={"w": np.zeros(11, np.float32)}, num_samples=1, agent_id="x", base_round=0
     )
@@ -197,7 +184,7 @@ def test_a_mean_over_a_power_of_two_samples_has_the_bits_of_the_division(
     # N a power of two is divided by multiplying with 1/N (exact): the bits must be those of
     # the division, tiny and subnormal values included; other N (here 3) still divide.
     shapes = {"big": BIG, "small": 5}
-    updates = _updates(shapes, counts, seed=3)
+    updates = float32_updates(shapes, counts, seed=3)
     for update in updates:
         update.weights["small"][:] = [1e-45, -3e-39, 1.5e-38, 3.4e38, -0.0]
     like = {k: np.zeros(n, np.float32) for k, n in shapes.items()}
