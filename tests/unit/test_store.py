@@ -122,6 +122,13 @@ def test_duplicate_upload_is_refused_and_changes_nothing(url: str) -> None:
     with pytest.raises(DuplicateUpload):
         store.add_local_model(LocalModelRow(**row))
     assert store.count_local_models() == 1
+    # A batch with one duplicate files none of its rows.
+    with pytest.raises(DuplicateUpload):
+        store.add_local_models([LocalModelRow(**{**row, "round": 2}), LocalModelRow(**row)])
+    assert store.count_local_models() == 1
+    # The connection that failed went back to the pool clean: the next write commits.
+    store.add_local_model(LocalModelRow(**{**row, "round": 2}))
+    assert [m.round for m in store.local_models()] == [1, 2]
     store.close()
 
 
