@@ -5,8 +5,11 @@ and a keep-alive connection the server closed while idle reopened without the ca
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -178,4 +181,110 @@ def test_one_client_serves_several_threads_at_once(server: _Server) -> None:
         results = list(pool.map(lambda _: client.latest_global(2), range(16)))
     assert all(r is not None and r[1] == BODY for r in results)
     assert 1 <= len(server.connections) <= 16
+    client.close()
+
+
+# --- framing the client must read, from a scripted server -----------------------------------
+ANSWER = json.dumps({"accepted": True, "round": 1, "uploads": 2, "needed": 2}).encode()
+
+
+class _Scripted:
+    """A loopback server that answers the n-th request with the n-th scripted answer, sent in
+    the given pieces (each its own send, with a pause: the client sees split reads), and closes
+    the connection after an answer marked so. Records how many connections it accepted."""
+
+    def __init__(self, answers: list[tuple[list[bytes], bool]]) -> None:
+        self.answers = answers
+        self.connections = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while self.answers:
+                conn, _ = self.listener.accept()
+                self.connections += 1
+                with conn:
+                    while self.answers and self._request(conn):
+                        pieces, close = self.answers.pop(0)
+                        for piece in pieces:
+                            conn.sendall(piece)
+                            time.sleep(0.002)
+                        if close:
+                            break
+
+    @staticmethod
+    def _request(conn: socket.socket) -> bool:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            more = conn.recv(65536)
+            if not more:
+                return False
+            data += more
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(body) < length:
+            body += conn.recv(65536)
+        return True
+
+    def client(self) -> AggregatorClient:
+        client = AggregatorClient(f"http://127.0.0.1:{self.port}")
+        assert client.bulk is not None
+        return client
+
+
+def _upload(client: AggregatorClient) -> Any:
+    return client.upload("id1", 1, codec.encode_parts(WEIGHTS), 10, {})
+
+
+def test_chunked_and_interim_answers_then_keep_alive() -> None:
+    chunked = (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: application/json\r\n\r\n"
+    )
+    body = f"{len(ANSWER[:10]):x};ext=1\r\n".encode() + ANSWER[:10] + b"\r\n"
+    body += f"{len(ANSWER[10:]):X}\r\n".encode() + ANSWER[10:] + b"\r\n0\r\ntrailer: x\r\n\r\n"
+    plain = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(ANSWER) + ANSWER
+    server = _Scripted([([chunked, body[:7], body[7:]], False), ([plain[:5], plain[5:]], False)])
+    client = server.client()
+    for _ in range(2):
+        reply = _upload(client)
+        assert (reply.accepted, reply.uploads) == (True, 2)
+    assert server.connections == 1  # both answers over one kept connection
+    client.close()
+
+
+def test_an_answer_ended_by_the_close_then_a_new_connection() -> None:
+    closing = b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n" + ANSWER
+    old = b"HTTP/1.0 200 OK\r\ncontent-length: %d\r\n\r\n" % len(ANSWER) + ANSWER
+    plain = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(ANSWER) + ANSWER
+    server = _Scripted([([closing], True), ([old], True), ([plain], False)])
+    client = server.client()
+    for _ in range(3):
+        assert _upload(client).accepted
+    assert server.connections == 3  # neither answer left a connection to reuse
+    client.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 70_000 + b"\r\n\r\n",  # a head past 64 KiB
+        b"HTTP/1.1 2OO OK\r\ncontent-length: 0\r\n\r\n",  # not a status
+        b"HTTP/1.1 200 OK\r\ncontent-length: many\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-le",  # cut in its head
+    ],
+)
+def test_a_malformed_or_cut_answer_is_a_connection_failure(answer: bytes) -> None:
+    server = _Scripted([([answer], True)])
+    client = server.client()
+    with pytest.raises(ConnectionFailed):
+        _upload(client)
     client.close()
