@@ -253,8 +253,8 @@ class BulkConnection:
         parts = urlsplit(url)
         self.https = parts.scheme == "https"
         self.host = parts.hostname or ""
-        self.port = parts.port or (443 if self.https else 80)
         default = 443 if self.https else 80
+        self.port = parts.port or default
         name = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
         self.authority = name if self.port == default else f"{name}:{self.port}"
         self.prefix = parts.path.rstrip("/")
