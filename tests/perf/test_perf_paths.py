@@ -265,6 +265,74 @@ def test_encode_parts_and_put_parts_equal_the_joined_encoding(tmp_path: Path) ->
     assert store.get(key) == codec.encode(weights)
 
 
+def test_encode_into_lays_out_the_encoding_in_one_buffer(tmp_path: Path) -> None:
+    weights = {**_updates((1,))[0].weights, "empty": np.zeros((0, 3), np.float16)}
+    spec = codec.ModelSpec.of(weights)
+    buffer, views = codec.encode_into(spec, HashedBody)
+    assert isinstance(buffer, HashedBody) and list(views) == list(weights)
+    for key, value in weights.items():
+        assert views[key].flags.writeable and views[key].dtype == value.dtype
+        views[key][...] = value
+    assert bytes(buffer) == codec.encode(weights)
+    assert codec.holds_encoding(buffer, views)
+    assert not codec.holds_encoding(buffer, weights)  # equal values, other memory
+    assert not codec.holds_encoding(buffer, {**views, "w": views["w"].copy()})
+    assert not codec.holds_encoding(bytearray(buffer), views)
+    # Stored as one piece: the same content address as the encoding in pieces.
+    store = BlobStore(tmp_path)
+    assert store.put_parts([memoryview(buffer)]) == blob_id(codec.encode(weights))
+    assert store.get(blob_id(codec.encode(weights))) == codec.encode(weights)
+
+
+def test_a_fedavg_global_model_is_one_buffer_that_comes_back_two_rounds_later(
+    tmp_path: Path,
+) -> None:
+    from fedloop.aggregator.service import Aggregator
+    from fedloop.config import AggregatorConfig
+    from fedloop.protocol.messages import RegisterRequest, UploadRequest
+
+    rng = np.random.default_rng(4)
+    shapes = {"w": (300, 7), "b": (11,)}
+
+    def model() -> dict[str, np.ndarray]:
+        return {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+
+    async def go() -> None:
+        agg = Aggregator(AggregatorConfig(data_dir=tmp_path, min_agents=2, rounds=4))
+        await agg.start()
+        try:
+            first = await agg.register(RegisterRequest(agent_name="a"), codec.encode(model()))
+            second = await agg.register(RegisterRequest(agent_name="b"), b"")
+            buffers = []
+            for round_number in range(1, 5):
+                uploads = [(model(), 1), (model(), 3)]
+                for agent, (weights, samples) in zip(
+                    (first.agent_id, second.agent_id), uploads, strict=True
+                ):
+                    request = UploadRequest(agent_id=agent, round=round_number, num_samples=samples)
+                    await agg.upload(request, HashedBody(codec.encode(weights)))
+                assert await agg.wait_for_global(round_number - 1, 30.0) is not None
+                current = agg.global_model
+                assert current is not None and current.round == round_number
+                (piece,) = current.parts  # one piece: the whole encoding
+                data = bytes(piece)
+                assert data == codec.encode(current.weights)
+                assert current.model_id == blob_id(data) and agg.blobs.get(blob_id(data)) == data
+                for key in shapes:
+                    total = sum(w[key].astype(np.float64) * n for w, n in uploads)
+                    expected = (total / 4).astype(np.float32)
+                    np.testing.assert_array_equal(current.weights[key], expected)
+                buffers.append(id(piece.obj))
+                del current, piece
+            # Round 3's global model went into round 1's buffer, round 4's into round 2's.
+            assert buffers[2] == buffers[0] and buffers[3] == buffers[1]
+            assert buffers[0] != buffers[1]
+        finally:
+            await agg.stop()
+
+    asyncio.run(go())
+
+
 @pytest.mark.parametrize("tensor_mb", [1, 5])
 def test_put_parts_gives_the_same_address_on_one_core_and_on_all(
     tmp_path: Path, tensor_mb: int

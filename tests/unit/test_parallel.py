@@ -200,3 +200,52 @@ def test_a_mean_over_a_power_of_two_samples_has_the_bits_of_the_division(
         expected = _float64_mean(updates, key)
         np.testing.assert_array_equal(divided[key], expected)
         np.testing.assert_array_equal(closed[key], expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("counts", [(1, 1), (3, 1, 7)])
+def test_a_mean_computed_into_given_arrays_lands_in_them_with_the_same_bits(
+    counts: tuple[int, ...],
+) -> None:
+    # The aggregator has the mean written straight into the new global model's buffer: the
+    # arrays it gives are filled in place, a given array of another dtype or shape is left
+    # alone for a new one, and the bits are those of the float64 route.
+    shapes = {"big": BIG, "small": 7, "other": 5}
+    updates = float32_updates(shapes, counts, seed=13)
+    like = {k: np.zeros(n, np.float32) for k, n in shapes.items()}
+    given = {
+        "big": np.full(BIG, np.nan, np.float32),
+        "small": np.full(7, np.nan, np.float32),
+        "other": np.full(5, np.nan, np.float64),  # not the mean's dtype
+    }
+    running = RunningMean()
+    for i, update in enumerate(updates):
+        running.add(update, parallel=True, last=i == len(updates) - 1)
+    mean = running.as_update(like=like, out=given).weights
+    assert mean["big"] is given["big"] and mean["small"] is given["small"]
+    assert mean["other"] is not given["other"] and np.isnan(given["other"]).all()
+    for key in shapes:
+        expected = _float64_mean(updates, key).astype(np.float32)
+        np.testing.assert_array_equal(mean[key], expected)
+
+
+def test_a_fold_leaves_numpys_cast_buffer_as_it_was() -> None:
+    # The folds widen NumPy's casting buffer while they run, on whichever thread runs a range,
+    # and put the caller's setting back.
+    updates = float32_updates({"big": BIG}, (1, 2, 3), seed=2)
+    before = np.getbufsize()
+    seen: list[int] = []
+
+    def fold_and_look() -> None:
+        running = RunningMean()
+        for i, update in enumerate(updates):
+            running.add(update, parallel=True, last=i == 2)
+        running.as_update(like={"big": np.zeros(BIG, np.float32)})
+        seen.append(np.getbufsize())
+
+    fold_and_look()
+    worker = threading.Thread(target=fold_and_look)
+    worker.start()
+    worker.join()
+    assert np.getbufsize() == before and seen == [before, before]
+    pool_sizes = parallel.split(BIG, lambda a, b: np.getbufsize())
+    assert set(pool_sizes) == {before}

@@ -85,14 +85,26 @@ class GlobalModel:
     model_id: str | None = None
 
     @classmethod
-    def of(cls, round: int, weights: Weights, metrics: dict[str, float]) -> GlobalModel:
-        """Return the global model holding `weights` (read-only views of them) and their pieces."""
+    def of(
+        cls,
+        round: int,
+        weights: Weights,
+        metrics: dict[str, float],
+        encoded: bytearray | None = None,
+    ) -> GlobalModel:
+        """Return the global model holding `weights` (read-only views of them) and their pieces.
+
+        ``encoded``: the buffer `weights` were computed into (`codec.encode_into`). When it
+        holds their encoding, it is the model's one piece: hashed, written and sent whole.
+        """
         held: Weights = {}
         for name, tensor in weights.items():
             # C order, as encode_parts needs: its pieces are then these very tensors' memory.
             view = np.asarray(tensor, order="C").view()
             view.flags.writeable = False  # the served bytes are these tensors' memory
             held[name] = view
+        if encoded is not None and codec.holds_encoding(encoded, held):
+            return cls(round, held, (memoryview(encoded).toreadonly(),), metrics)
         return cls(round, held, tuple(codec.encode_parts(held)), metrics)
 
     @property
@@ -139,6 +151,9 @@ class Aggregator:
         self.store = Store(database_url(config.data_dir, config.database_url))
         self.blobs = BlobStore(config.data_dir / "blobs", fsync=config.fsync_models)
         self.bodies = BodyPool()  # upload buffers, reused round after round
+        # Global models' buffers (`codec.encode_into`): one is free again once the model
+        # after it is current and no download of it is in flight.
+        self.global_buffers = BodyPool()
         self.strategy: Strategy = load_strategy(config.strategy.name, **config.strategy.params)
         self.evaluator: Any = (
             load_engine(config.evaluate.engine, **config.evaluate.params)
@@ -952,10 +967,20 @@ class Aggregator:
         # FedAvg returns the running mean itself: let it come out in the model's dtypes,
         # divided and cast in one pass, instead of a float64 copy cast back afterwards.
         like = self.global_model.weights if returns_mean(self.strategy) else None
+        # The mean goes straight into the new global model's encoding: one buffer, reused
+        # from the model before last. Fresh arrays cost page faults every round (deploy 2 ×
+        # 4 MB: 183 against 4 minor faults a round; aggregation 3.2 instead of 3.6 ms).
+        encoded, out = (
+            codec.encode_into(self.spec, self.global_buffers.acquire)
+            if like is not None and self.streams
+            else (None, None)
+        )
         # Async strategies take t, the version the updates' staleness is measured against.
         result = self.strategy.aggregate(
             self.global_model.weights,
-            [self.running.as_update(self.global_round, like=like)] if self.streams else updates,
+            [self.running.as_update(self.global_round, like=like, out=out)]
+            if self.streams
+            else updates,
             server_round=self.global_round if self.asynchronous else self.round,
         )
         new = {
@@ -967,7 +992,8 @@ class Aggregator:
         codec.check_against(new, self.spec, finite=like is None, parallel=True)
         # Held once: the pieces it is served and stored from are views of these tensors (for
         # one FedAvg upload, of the upload's own body), not a joined encoding beside them.
-        model = GlobalModel.of(self.round, new, {})
+        model = GlobalModel.of(self.round, new, {}, encoded)
+        del encoded, out  # only the model's views keep the buffer from being reused
         new = model.weights
         model_id = self.blobs.put_parts(model.parts)
         state = self.strategy.state()

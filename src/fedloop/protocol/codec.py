@@ -12,7 +12,7 @@ import json
 import math
 import mmap
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -103,26 +103,78 @@ def encode_parts(weights: Mapping[str, np.ndarray]) -> list[bytes | memoryview]:
     tensor that is not C-contiguous little-endian in a safetensors dtype is converted). Whoever
     keeps them must not change the tensors.
     """
-    header: dict[str, Any] = {}
+    entries: list[tuple[str, str, tuple[int, ...], int]] = []
     arrays: list[np.ndarray] = []
-    offset = 0
     for name, value in weights.items():
         array = np.asarray(value)
         kind = dtype_name(array.dtype)
         # asarray, not ascontiguousarray: the latter turns 0-d scalars into 1-d arrays
         array = np.asarray(array, dtype=_DTYPES[kind], order="C")
-        header[name] = {
-            "dtype": kind,
-            "shape": list(array.shape),
-            "data_offsets": [offset, offset + array.nbytes],
-        }
-        offset += array.nbytes
+        entries.append((name, kind, tuple(array.shape), array.nbytes))
         arrays.append(array)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
-    parts: list[bytes | memoryview] = [struct.pack("<Q", len(raw)) + raw]
+    parts: list[bytes | memoryview] = [_header(entries)]
     parts.extend(a.reshape(-1).data.cast("B") for a in arrays if a.nbytes)
     return parts
+
+
+def _header(entries: Sequence[tuple[str, str, tuple[int, ...], int]]) -> bytes:
+    """Return the safetensors header (its length, then its JSON) for tensors laid out one
+    after another: (name, dtype name, shape, bytes) each, in order."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, kind, shape, nbytes in entries:
+        header[name] = {
+            "dtype": kind,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def encode_into(
+    spec: ModelSpec, acquire: Callable[[int], bytearray] = bytearray
+) -> tuple[bytearray, Weights]:
+    """Lay out the safetensors bytes of a model of `spec` in one buffer, to be filled in place.
+
+    Returns the buffer, from ``acquire(size)`` (e.g. a `BodyPool`'s), with the header written,
+    and writable arrays viewing the places of the tensors in it, in the spec's order. Once
+    they are filled, the buffer is ``encode`` of them, in one piece.
+    """
+    entries = [
+        (t.name, t.dtype, t.shape, math.prod(t.shape) * _DTYPES[t.dtype].itemsize)
+        for t in spec.tensors
+    ]
+    header = _header(entries)
+    buffer = acquire(len(header) + sum(nbytes for *_, nbytes in entries))
+    buffer[: len(header)] = header
+    weights: Weights = {}
+    offset = len(header)
+    for name, kind, shape, nbytes in entries:
+        dtype = _DTYPES[kind]
+        array = np.frombuffer(buffer, dtype, nbytes // dtype.itemsize, offset)
+        weights[name] = array.reshape(shape)
+        offset += nbytes
+    return buffer, weights
+
+
+def holds_encoding(buffer: bytearray, weights: Mapping[str, np.ndarray]) -> bool:
+    """Return whether `buffer` is ``encode(weights)`` in place: it starts with their header
+    and each tensor is an array over its own place in it (as `encode_into` lays them out)."""
+    parts = encode_parts(weights)
+    head = bytes(parts[0])
+    if len(buffer) != sum(len(part) for part in parts) or bytes(buffer[: len(head)]) != head:
+        return False
+    base = np.frombuffer(buffer, np.uint8).__array_interface__["data"][0]
+    offset = len(parts[0])
+    for value in weights.values():
+        array = np.asarray(value)
+        if array.nbytes and array.__array_interface__["data"][0] != base + offset:
+            return False
+        offset += array.nbytes
+    return True
 
 
 def read_header(data: Bytes) -> tuple[dict[str, Any], int]:

@@ -163,6 +163,8 @@ class BlobStore:
 
     def put_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> str:
         """Store the concatenation of `parts` like `put`, without joining them in memory."""
+        if len(parts) == 1:  # one piece from its start: hashed as `blob_id` hashes it
+            return self.put(parts[0])
         sizes = [memoryview(part).nbytes for part in parts]
         big = sum(size for size in sizes if size >= _PARALLEL_PART)
         hasher = new_hasher(parallel=2 * big >= sum(sizes) >= _PARALLEL_HASH)
