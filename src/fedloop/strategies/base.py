@@ -253,16 +253,19 @@ def assemble(
     return out
 
 
-# Elements per block of a fold: 1 MiB of float64, one core's L2 on the reference VM. Against
-# 64 Ki, the two threads of a closing pass hand the GIL to each other half as often (each
-# ufunc call releases and takes it again): mean of two 4 MB uploads 1.45 → 1.28 ms.
-_BLOCK = 1 << 17
+_BLOCK = 1 << 16  # elements per block of a fold: 512 KiB of float64, stays in cache
+# Elements per block of a closing pass that reads two arrays (two kept uploads, or the sums
+# and one): its two threads then hand the GIL to each other half as often (each ufunc call
+# releases and takes it again). The mean of two 4 MB uploads: 1.45 ms in blocks of 64 Ki,
+# 1.15 ms in these. Passes over more arrays keep `_BLOCK`: a simulation's groups of four
+# kept uploads were slower in larger blocks (sim 10 × 4 MB 0.028 → 0.038 s a round).
+_PAIR_BLOCK = 1 << 17
 # Elements NumPy casts at a time inside one ufunc call whose operands differ in dtype (float32
-# uploads into float64 sums, float64 sums into a float32 mean); its default is 8,192. The
-# casting buffer then holds a whole block: adding 1 M float32 into float64 sums 0.72 → 0.48
-# ms; the mean of two 4 MB uploads 1.28 → 1.15 ms with `_BLOCK` above. The same operations
-# on the same values: the same bits.
-_CAST_BUFFER = _BLOCK
+# uploads into float64 sums, float64 sums into a float32 mean); its default is 8,192. A fold
+# of one upload into the sums is one call over its whole range: adding 1 M float32 into
+# float64 sums took 0.72 ms with the default, 0.48 ms with this. The same operations on the
+# same values: the same bits.
+_CAST_BUFFER = 1 << 17
 
 
 @contextlib.contextmanager
@@ -370,7 +373,7 @@ class RunningMean:
             return
         scratch: Array | None = getattr(self._scratch, "block", None)
         if scratch is None:  # one block per thread: ranges are folded on several at once
-            scratch = self._scratch.block = np.empty(_BLOCK, dtype=np.float64)
+            scratch = self._scratch.block = np.empty(_PAIR_BLOCK, dtype=np.float64)
         term = scratch[: x.size]
         np.multiply(x, weight, out=term, dtype=np.float64)  # float64, not float32 math
         np.add(out, term, out=out)
@@ -560,9 +563,10 @@ class RunningMean:
                 return
             scratch: Array | None = getattr(self._scratch, "sum", None)
             if scratch is None:
-                scratch = self._scratch.sum = np.empty(_BLOCK, dtype=np.float64)
-            for at in range(start, stop, _BLOCK):
-                end = min(at + _BLOCK, stop)
+                scratch = self._scratch.sum = np.empty(_PAIR_BLOCK, dtype=np.float64)
+            block = _PAIR_BLOCK if len(xs) + (sums is not None) <= 2 else _BLOCK
+            for at in range(start, stop, block):
+                end = min(at + block, stop)
                 total = scratch[: end - at]
                 base = sums[at:end] if sums is not None else None
                 self._sum_block(total, base, [x[at:end] for x in xs], weights)
