@@ -258,7 +258,8 @@ _BLOCK = 1 << 16  # elements per block of a fold: 512 KiB of float64, stays in c
 # and one): its two threads then hand the GIL to each other half as often (each ufunc call
 # releases and takes it again). The mean of two 4 MB uploads: 1.45 ms in blocks of 64 Ki,
 # 1.15 ms in these. Passes over more arrays keep `_BLOCK`: a simulation's groups of four
-# kept uploads were slower in larger blocks (sim 10 × 4 MB 0.028 → 0.038 s a round).
+# kept uploads were slower in larger blocks (sim 10 × 4 MB, distinct models: 0.029–0.033 s a
+# round in 64 Ki blocks, 0.038–0.042 s in 128 Ki).
 _PAIR_BLOCK = 1 << 17
 # Elements NumPy casts at a time inside one ufunc call whose operands differ in dtype (float32
 # uploads into float64 sums, float64 sums into a float32 mean); its default is 8,192. A fold
