@@ -30,7 +30,8 @@ _PARALLEL_PART = 4 << 20
 # Bytes from which one piece (a global model in one buffer) is hashed on every core. After
 # the pause before an aggregation, the other core's hashing thread starts late: 2-32 MB took
 # the same time on one core and on two, and the pool's threads then spin on the core that
-# simulation workers need (sim 10 × 4 MB: aggregation 15–17 instead of 14 ms a round).
+# simulation workers need (sim 10 × 4 MB, distinct models: aggregation 15.3–17.5 ms a round
+# on both cores, 14.2–15.4 ms on one).
 _PARALLEL_PIECE = 32 << 20
 
 
@@ -42,10 +43,13 @@ def new_hasher(parallel: bool = False) -> blake3.blake3:
     return blake3.blake3(max_threads=blake3.blake3.AUTO) if parallel else blake3.blake3()
 
 
-def blob_id(data: bytes | bytearray | memoryview | mmap.mmap) -> str:
-    """Return the content address (BLAKE3-256, hex) of `data`, large data on all cores."""
+def blob_id(
+    data: bytes | bytearray | memoryview | mmap.mmap, parallel_from: int = _PARALLEL_HASH
+) -> str:
+    """Return the content address (BLAKE3-256, hex) of `data`, on all cores from
+    `parallel_from` bytes."""
     size = data.nbytes if isinstance(data, memoryview) else len(data)
-    return new_hasher(parallel=size >= _PARALLEL_HASH).update(data).hexdigest()
+    return new_hasher(parallel=size >= parallel_from).update(data).hexdigest()
 
 
 class HashedBody(bytearray):
@@ -169,10 +173,7 @@ class BlobStore:
     def put_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> str:
         """Store the concatenation of `parts` like `put`, without joining them in memory."""
         if len(parts) == 1:  # one piece from its start: aligned for BLAKE3's subtrees
-            data = parts[0]
-            size = data.nbytes if isinstance(data, memoryview) else len(data)
-            key = new_hasher(parallel=size >= _PARALLEL_PIECE).update(data).hexdigest()
-            return self._write(key, [data])
+            return self._write(blob_id(parts[0], _PARALLEL_PIECE), parts)
         sizes = [memoryview(part).nbytes for part in parts]
         big = sum(size for size in sizes if size >= _PARALLEL_PART)
         hasher = new_hasher(parallel=2 * big >= sum(sizes) >= _PARALLEL_HASH)
