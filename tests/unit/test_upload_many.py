@@ -193,3 +193,49 @@ def test_a_restart_mid_round_drops_uploads_whose_bytes_were_not_kept(tmp_path: P
             await again.stop()
 
     asyncio.run(go())
+
+
+def test_the_closing_upload_is_answered_once_its_round_is_stored_then_the_round_is_announced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The filing that completes a round aggregates it in the same hop to a thread: two hops
+    # for the closing upload (its check, then its filing and the aggregation), not three. Its
+    # agent is answered before the push goes out, so that it is listening for it.
+    async def go() -> None:
+        config = AggregatorConfig(data_dir=tmp_path, min_agents=2, rounds=3)
+        agg = Aggregator(config)
+        await agg.start()
+        try:
+            a, b = await register(agg, 2)
+            queue = agg.subscribe(a)
+            assert queue.get_nowait().round == 0  # the model it holds
+            await agg.upload(request(a), weights(1.0))
+            events: list[tuple[str, int]] = []
+
+            async def listen() -> None:
+                events.append(("push", (await queue.get()).round))
+
+            listener = asyncio.create_task(listen())
+            hops: list[str] = []
+            to_thread = asyncio.to_thread
+
+            async def counted(func: object, /, *args: object, **kwargs: object) -> object:
+                hops.append(getattr(func, "__name__", "?"))
+                return await to_thread(func, *args, **kwargs)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(asyncio, "to_thread", counted)
+            reply = await agg.upload(request(b), weights(3.0))
+            monkeypatch.setattr(asyncio, "to_thread", to_thread)
+            events.append(("answer", reply.uploads))
+            latest = agg.store.latest_global()
+            assert latest is not None and latest.round == 1  # aggregated and committed
+            assert len(hops) == 2, hops
+            await asyncio.wait_for(listener, 5)
+            assert events == [("answer", 2), ("push", 1)]
+            model = await agg.wait_for_global(0, 5)
+            assert model is not None
+            np.testing.assert_allclose(model.weights["w"], np.full(3, 2.0, np.float32))
+        finally:
+            await agg.stop()
+
+    asyncio.run(go())
