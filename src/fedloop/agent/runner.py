@@ -8,13 +8,13 @@ import ssl
 import tempfile
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
 from fedloop.agent.client import AggregatorClient, ModelBody, PushListener, Refused, retry
+from fedloop.agent.keeper import LocalKeeper
 from fedloop.agent.state import AgentState, Phase, StateDir
 from fedloop.errors import FedloopError
 from fedloop.protocol import codec
@@ -105,10 +105,8 @@ class Agent:
         self._global_bytes: tuple[int, bytes | bytearray] | None = None
         self._local: tuple[ModelBody, dict[str, Any]] | None = None
         self._order: list[str] | None = None  # the global model's tensor names, in order
-        # The local model of the round being sent, written to `dir` while it uploads.
-        self._save_thread: ThreadPoolExecutor | None = None
-        self._saving: Future[None] | None = None
-        self._answered = threading.Event()  # the upload being saved for was answered
+        # The local model of the round being sent, written to `dir` if its upload is slow.
+        self._keeper = LocalKeeper(keep_local_after, self._save_local)
 
     # --- helpers --------------------------------------------------------------------------
     def _call(self, action: Callable[[], T]) -> T:
@@ -123,24 +121,14 @@ class Agent:
         self.state.phase = phase
         self.dir.save(self.state, durable=False)
 
-    def _saver(self) -> ThreadPoolExecutor:
-        if self._save_thread is None:
-            self._save_thread = ThreadPoolExecutor(1, thread_name_prefix="fedloop-agent-save")
-        return self._save_thread
-
-    def _save_local(
-        self, data: ModelBody, meta: dict[str, Any], state: AgentState, answered: threading.Event
-    ) -> None:
-        if answered.wait(self.keep_local_after):
-            return  # the aggregator has it, or refused it: nothing to resume
+    def _save_local(self, data: ModelBody, meta: dict[str, Any], state: AgentState) -> None:
         self.dir.save_local(data, meta)
         self.dir.save(state, durable=False)
 
     def _saved(self) -> None:
-        """Wait until the local model being saved is on disk with its phase (raise its error)."""
-        saving, self._saving = self._saving, None
-        if saving is not None:
-            saving.result()
+        """Return once the local model being kept is on disk with its phase (raise its error);
+        one whose upload was not answered is written now."""
+        self._keeper.finish()
 
     def _initial_weights(self) -> Weights | None:
         if self.initial_weights is not None:
@@ -201,9 +189,7 @@ class Agent:
             if self.push is not None:
                 self.push.stop()
             self.client.close()
-            if self._save_thread is not None:
-                self._save_thread.shutdown(wait=True)  # a local model being saved is finished
-                self._save_thread = None
+            self._keeper.close()  # an unanswered upload's local model is on disk for a restart
         return self.state
 
     def stop(self) -> None:
@@ -290,9 +276,7 @@ class Agent:
         # upload got through the aggregator refuses the second as duplicate_upload. A quick
         # upload spares the copy to disk (deploy 10 × 4 MB: 20 % of the agents' CPU).
         self.state.phase = Phase.SENDING
-        snapshot = dataclasses.replace(self.state)
-        self._answered = threading.Event()
-        self._saving = self._saver().submit(self._save_local, data, meta, snapshot, self._answered)
+        self._keeper.start(data, meta, dataclasses.replace(self.state))
 
     def _send(self) -> None:
         pending, self._local = self._local or self.dir.load_local(), None
@@ -330,7 +314,7 @@ class Agent:
                 if exc.code not in _OVERTAKEN | _DAMAGED:
                     raise  # kept for a restart (an unreachable aggregator is retried in _call)
                 log.info("local model of round %d discarded: %s", meta["round"], exc)
-        self._answered.set()  # answered, refused, overtaken or sent securely: nothing to keep
+        self._keeper.answered()  # answered, refused, overtaken or sent securely: nothing to keep
         self._saved()
         self.dir.clear_local()
         self._enter(Phase.WAITING_GM)
