@@ -70,8 +70,8 @@ def agent(
         float,
         typer.Option(
             help="Seconds an upload may take before the local model is written to the workdir "
-            "for a restart to resume it (checked 4 times as often, at most every 0.25 s; "
-            "0: always; a quicker upload needs no copy on disk)."
+            "for a restart to resume it (written up to min(0.25, value/4) s after that; 0: "
+            "always; a quicker upload needs no copy on disk)."
         ),
     ] = 1.0,
     ca_file: Annotated[
