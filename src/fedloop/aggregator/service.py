@@ -69,17 +69,6 @@ _Outcome = UploadResponse | ProtocolError
 
 
 @dataclass
-class _Filing:
-    """What filing a batch of checked uploads did (`Aggregator._filing`)."""
-
-    batch: list[_Checked]
-    outcomes: list[_Outcome | None]  # the refusals, by position; None for the others
-    accepted: list[tuple[int, LocalModelRow, int]]  # position, row, uploads held with it
-    round: int  # the round they were filed in
-    closed: bool = False  # they completed the round, and it was aggregated
-
-
-@dataclass
 class GlobalModel:
     """The latest global model, kept encoded so that serving it costs no work.
 
@@ -781,8 +770,8 @@ class Aggregator:
                 waiting, self._to_file = self._to_file, []
                 try:
                     async with self.lock:
-                        # A batch that completes the round is aggregated by its filing.
                         filed = await self._file([c for batch, _ in waiting for c in batch])
+                        self._maybe_close("threshold")
                 except BaseException as exc:
                     for _, future in waiting:
                         if not future.done():
@@ -804,29 +793,9 @@ class Aggregator:
 
     async def _file(self, batch: list[_Checked]) -> list[_Outcome]:
         """File checked uploads (the lock is held): their rows in one transaction, then each
-        one held for aggregation and answered, or refused with the reason, in order. A
-        synchronous round they complete is aggregated in the same hop to a thread."""
-        return await self._answer(await asyncio.to_thread(self._filing, batch))
-
-    async def _answer(self, filing: _Filing) -> list[_Outcome]:
-        """Count and answer filed uploads, and announce the round they closed (the lock is
-        held)."""
-        if filing.closed:
-            # After the answers to the uploads that closed it: their agents wait for those
-            # before they look for the new model.
-            loop = asyncio.get_running_loop()
-            loop.call_soon(loop.call_soon, self._announce)
-        outcomes = filing.outcomes
-        for i, row, held in filing.accepted:
-            request, body, _ = filing.batch[i]
-            outcomes[i] = await self._accepted(request, row, held, len(body), filing.round)
-        return [o for o in outcomes if o is not None]
-
-    def _filing(self, batch: list[_Checked]) -> _Filing:
-        """Store the rows of checked uploads (one transaction) and hold the uploads; then, in
-        a synchronous round they complete, aggregate it. Runs on a thread, the lock held."""
+        one held for aggregation and answered, or refused with the reason, in order."""
         outcomes: list[_Outcome | None] = [None] * len(batch)
-        filed_round, now = self.round, time.time()
+        now = time.time()
         # Synchronous uploads are trained on the current global model by construction.
         accepted: list[tuple[int, LocalModelRow, Update]] = []
         for i, (request, body, result) in enumerate(batch):
@@ -858,43 +827,33 @@ class Aggregator:
                 metrics=request.metrics,
             )
             accepted.append((i, row, update))
-        filing = _Filing(batch, outcomes, [], filed_round)
-        if not accepted:
-            return filing
-        try:
-            duplicates: list[DuplicateUpload | None] = self._file_and_hold(
-                [a[1] for a in accepted], [a[2] for a in accepted]
-            )
-        except DuplicateUpload as exc:
-            duplicates = [exc]
-        held = len(self.pending) - sum(d is None for d in duplicates)
-        for (i, row, _), duplicate in zip(accepted, duplicates, strict=True):
-            if duplicate is not None:
-                outcomes[i] = ProtocolError(str(duplicate), 409, "duplicate_upload")
-                continue
-            held += 1
-            filing.accepted.append((i, row, held))
-        if not self.asynchronous and self._complete():
-            self.closing = True
+        if accepted:
             try:
-                self._aggregate("threshold")
-                filing.closed = True
-            except Exception:
-                log.exception("aggregation of round %d failed; the round stays open", self.round)
-                self.closing = False
-        return filing
+                # One hop to a thread for all: the rows, then their fold (one pass).
+                duplicates = await asyncio.to_thread(
+                    self._file_and_hold, [a[1] for a in accepted], [a[2] for a in accepted]
+                )
+            except DuplicateUpload as exc:
+                duplicates = [exc]
+            held = len(self.pending) - sum(d is None for d in duplicates)
+            for (i, row, _), duplicate in zip(accepted, duplicates, strict=True):
+                if duplicate is not None:
+                    outcomes[i] = ProtocolError(str(duplicate), 409, "duplicate_upload")
+                    continue
+                held += 1
+                outcomes[i] = await self._accepted(batch[i][0], row, held, len(batch[i][1]))
+        return [o for o in outcomes if o is not None]
 
     async def _accepted(
-        self, request: UploadRequest, row: LocalModelRow, uploads: int, nbytes: int, filed: int
+        self, request: UploadRequest, row: LocalModelRow, uploads: int, nbytes: int
     ) -> UploadResponse:
-        """Count, log and answer one accepted upload, filed in round `filed` (the lock is
-        held; a synchronous round may have closed since)."""
+        """Count, log and answer one accepted upload (the lock is held)."""
         self.stats["uploads"] += 1
         self.stats["bytes_in"] += nbytes
-        needed, base = self.needed(), row.base_round
+        needed, filed, base = self.needed(), self.round, row.base_round
         log.info(
             "round %d: local model from %s (%d/%d)%s",
-            filed,
+            self.round,
             request.agent_id,
             uploads,
             needed,
@@ -962,18 +921,14 @@ class Aggregator:
                 self.pending, self.running = {}, RunningMean(self.running.max_held)
 
     # --- aggregation ----------------------------------------------------------------------
-    def _complete(self) -> bool:
-        """Whether the open round has all the local models it needs and is not closing yet."""
-        return bool(
+    def _maybe_close(self, reason: str) -> None:
+        if (
             self.round
             and not self.closing
             and not self.finished
             and self.pending
             and len(self.pending) >= self.needed()
-        )
-
-    def _maybe_close(self, reason: str) -> None:
-        if self._complete():
+        ):
             self.closing = True
             self._spawn(self._close_round(reason))
 
