@@ -67,6 +67,7 @@ def test_a_slow_upload_is_written_by_the_watcher_after_its_delay() -> None:
         assert time.monotonic() < deadline, "never written"
         time.sleep(0.01)
     begun, data, meta, state = saves.writes[0]
+    assert keeper.every is not None
     assert 0.2 <= begun - started < 0.2 + keeper.every + 0.5
     assert (data, meta, state.global_round) == (b"model", {"round": 3}, 2)
     assert saves.threads == {"fedloop-agent-save"}
@@ -79,6 +80,7 @@ def test_a_slow_upload_is_written_by_the_watcher_after_its_delay() -> None:
 def test_with_no_delay_the_model_is_written_at_once_while_the_upload_goes_on() -> None:
     saves = Saves()
     keeper = LocalKeeper(0.0, saves)
+    assert keeper.every is None  # woken for each upload, never polling
     for round_number in range(3):
         keeper.start(b"m", {"round": round_number}, _state(round_number))
         deadline = time.monotonic() + 5

@@ -43,7 +43,8 @@ class LocalKeeper:
 
     def __init__(self, after: float, save: Save) -> None:
         self.after = after
-        self.every = min(0.25, max(after, 0.02) / 4)
+        # How often the watcher looks; with no delay it is woken by start() instead.
+        self.every: float | None = min(0.25, max(after, 0.02) / 4) if after > 0 else None
         self._save = save
         self._cv = threading.Condition()
         self._job: _Job | None = None  # waiting for its time, or for its answer
