@@ -70,8 +70,7 @@ def agent(
         float,
         typer.Option(
             help="Seconds an upload may take before the local model is written to the workdir "
-            "for a restart to resume it (written up to min(0.25, value/4) s after that; 0: "
-            "always; a quicker upload needs no copy on disk)."
+            "for a restart to resume it (0: always; a quicker upload needs no copy on disk)."
         ),
     ] = 1.0,
     ca_file: Annotated[

@@ -4,12 +4,14 @@ An upload answered quickly needs no copy on disk; one still in flight after ``af
 gets its model and the `sending` phase written (by a watcher thread, while the upload goes on),
 so that a restart resumes the upload from the file.
 
-The watcher is not told about each upload: it looks at the waiting one every ``every``
-seconds. On the 2-core VM of docs/performance.md, handing each round's upload to a thread and
-waking it again with the answer cost 0.17–0.19 ms of the agent's CPU a round (three thread
-wake-ups, each with the GIL changing hands); looking at a shared slot costs an uncontended
-lock. A slow upload's model is written between ``after`` and ``after + every`` seconds after
-it started.
+The watcher is not told about each upload. While none is waiting it looks at the slot every
+``after`` seconds (at least 20 ms apart), so it sees an upload before the upload is due, and
+then waits for that moment. On the 2-core VM of docs/performance.md, handing each round's
+upload to a thread and waking it again with the answer cost 0.17–0.19 ms of the agent's CPU
+a round (three thread wake-ups, each with the GIL changing hands); setting the shared slot
+costs an uncontended lock. A slow upload's model is written ``after`` seconds after it
+started (up to 20 ms later for a shorter ``after``). With ``after = 0`` the watcher is woken
+for each upload.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ class LocalKeeper:
 
     def __init__(self, after: float, save: Save) -> None:
         self.after = after
-        # How often the watcher looks; with no delay it is woken by start() instead.
-        self.every: float | None = min(0.25, max(after, 0.02) / 4) if after > 0 else None
+        # How often an idle watcher looks; with no delay it is woken by start() instead.
+        self.every: float | None = max(after, 0.02) if after > 0 else None
         self._save = save
         self._cv = threading.Condition()
         self._job: _Job | None = None  # waiting for its time, or for its answer
@@ -102,8 +104,12 @@ class LocalKeeper:
         with self._cv:
             while not self._closed:
                 job = self._job
-                if job is None or time.monotonic() < job.due:
+                if job is None:
                     self._cv.wait(self.every)
+                    continue
+                early = job.due - time.monotonic()
+                if early > 0:
+                    self._cv.wait(early)  # answered meanwhile: found gone when it wakes
                     continue
                 self._job, self._saving = None, True
                 error: BaseException | None = None
