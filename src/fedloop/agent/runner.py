@@ -75,7 +75,6 @@ class Agent:
         self.poll_wait = poll_wait
         self.backoff_max = backoff_max
         self.give_up_after = give_up_after
-        self.keep_local_after = keep_local_after
         self.tls = tls
         # With auth on: the one-time enrollment token goes with the first registration, which
         # answers with this agent's own credential; that is kept in `dir` and sent from then on.
@@ -107,6 +106,11 @@ class Agent:
         self._order: list[str] | None = None  # the global model's tensor names, in order
         # The local model of the round being sent, written to `dir` if its upload is slow.
         self._keeper = LocalKeeper(keep_local_after, self._save_local)
+
+    @property
+    def keep_local_after(self) -> float:
+        """Seconds an upload may take before its local model is written (the keeper's)."""
+        return self._keeper.after
 
     # --- helpers --------------------------------------------------------------------------
     def _call(self, action: Callable[[], T]) -> T:
