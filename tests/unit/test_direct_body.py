@@ -22,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 from fedloop.aggregator.app import read_body
 from fedloop.aggregator.direct import DIRECT_MIN, EXTENSION, protocol_class
 from fedloop.security.certs import make_dev_pki
-from fedloop.store.blobs import BodyPool, blob_id
+from fedloop.store.blobs import BodyPool, PooledBody, blob_id
 
 pytest.importorskip("httptools")
 
@@ -33,7 +33,7 @@ class _App:
     """Reads each POST body with `read_body` and answers what it got, as JSON."""
 
     def __init__(self) -> None:
-        self.pool = BodyPool()
+        self.pool = BodyPool(PooledBody)
         self.disconnects = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import NullPool
 
 from fedloop.errors import FedloopError
-from fedloop.store.blobs import BlobStore, BodyPool, blob_id
+from fedloop.store.blobs import BlobStore, BodyPool, HashedBody, PooledBody, blob_id
 from fedloop.store.db import (
     Base,
     DuplicateUpload,
@@ -289,8 +290,11 @@ def test_blob_store_is_content_addressed_and_atomic(tmp_path: Path) -> None:
     assert not blobs.exists(key)
 
 
-def test_body_pool_reuses_a_buffer_only_once_nothing_views_it() -> None:
-    pool = BodyPool(keep_bytes=1024)
+@pytest.mark.parametrize("make", [HashedBody, PooledBody])
+def test_body_pool_reuses_a_buffer_only_once_nothing_views_it(
+    make: Any,
+) -> None:
+    pool = BodyPool(make, keep_bytes=1024)
     first = pool.acquire(100)
     first[:] = b"x" * 100
     first.digest = "old"
@@ -301,12 +305,15 @@ def test_body_pool_reuses_a_buffer_only_once_nothing_views_it() -> None:
     assert id(busy) != address, "handed out a buffer that a tensor still views"
     del tensor
     again = pool.acquire(100)
-    assert id(again) == address and again.digest is None
+    assert id(again) == address and again.digest is None and type(again) is make
     assert bytes(again) == b"x" * 100  # not zeroed: the caller overwrites all of it
 
 
-def test_body_pool_keeps_at_most_keep_bytes_of_buffers() -> None:
-    pool = BodyPool(keep_bytes=250)
+@pytest.mark.parametrize("make", [HashedBody, PooledBody])
+def test_body_pool_keeps_at_most_keep_bytes_of_buffers(
+    make: Any,
+) -> None:
+    pool = BodyPool(make, keep_bytes=250)
     held = [pool.acquire(100) for _ in range(3)]  # the third is not kept: 300 > 250
     ids = [id(b) for b in held]
     del held

@@ -32,7 +32,7 @@ from fedloop.protocol.messages import (
     parse_message,
 )
 from fedloop.protocol.version import MESSAGE_HEADER
-from fedloop.store.blobs import BodyPool
+from fedloop.store.blobs import BodyPool, HashedBody
 from fedloop.types import Weights
 
 T = TypeVar("T")
@@ -72,7 +72,7 @@ class BodyBuffer:
     A body longer or shorter than announced is a connection problem (ConnectionFailed: retried).
     """
 
-    def __init__(self, size: int, pool: BodyPool | None = None) -> None:
+    def __init__(self, size: int, pool: BodyPool[HashedBody] | None = None) -> None:
         # From the pool: last round's buffer again, once nothing views it (no zero-fill, no
         # page faults for a model of 100s of MB).
         self.body: bytearray = pool.acquire(size) if pool is not None else bytearray(size)
@@ -102,7 +102,9 @@ class BodyBuffer:
         return self.body
 
 
-def _read_into_buffer(response: httpx.Response, pool: BodyPool | None = None) -> bytearray | bytes:
+def _read_into_buffer(
+    response: httpx.Response, pool: BodyPool[HashedBody] | None = None
+) -> bytearray | bytes:
     """Return a streamed response's body, in one preallocated buffer when its size is known."""
     size = BodyBuffer.announced(response)
     if size is None:
@@ -158,7 +160,7 @@ class AggregatorClient:
         self.token = token
         # Download buffers, reused while the model's size stays the same; a model over
         # 256 MiB is not kept between rounds (an agent's memory between rounds stays low).
-        self.bodies = BodyPool(keep_bytes=256 * 1024 * 1024)
+        self.bodies = BodyPool(HashedBody, keep_bytes=256 * 1024 * 1024)
         self.http = httpx.Client(
             base_url=self.url, timeout=httpx.Timeout(timeout, connect=5.0), verify=verify
         )

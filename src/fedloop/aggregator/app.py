@@ -32,7 +32,7 @@ from fedloop.protocol.messages import (
     parse_message,
 )
 from fedloop.protocol.version import MESSAGE_HEADER, PROTOCOL_VERSION
-from fedloop.store.blobs import BodyPool, HashedBody, new_hasher
+from fedloop.store.blobs import BodyPool, HashedBody, PooledBody, new_hasher
 
 log = logging.getLogger("fedloop.aggregator")
 
@@ -107,11 +107,14 @@ class BlobResponse(ModelResponse):
                 yield chunk
 
 
-async def read_body(request: Request, limit: int, pool: BodyPool | None = None) -> bytearray:
+async def read_body(
+    request: Request, limit: int, pool: BodyPool[PooledBody] | None = None
+) -> HashedBody | PooledBody:
     """Return the request body, refusing it as soon as it passes `limit` bytes.
 
-    The body is a `HashedBody`. With a `pool`, a body of known size goes into a reused buffer
-    (no zero-fill, no page faults). A large one is read by the socket straight into it where
+    The body is a `HashedBody`, except that with a `pool` a non-empty body of known size goes
+    into a reused `PooledBody` (no zero-fill, no page faults; page-aligned, so the blob store
+    writes it to the disk directly). A large one is read by the socket straight into it where
     the server offers that (`direct.DirectBody`), and left unhashed (``digest`` None): its
     taker hashes it on a worker thread. Others are hashed chunk by chunk as they stream in.
     """
@@ -129,7 +132,8 @@ async def read_body(request: Request, limit: int, pool: BodyPool | None = None) 
                 "too_large",
             )
         # Known size: one allocation, filled in place (no regrowth copies of a large model).
-        body = pool.acquire(size) if pool is not None else HashedBody(size)
+        # (An empty body cannot be a memory map.)
+        body = pool.acquire(size) if pool is not None and size else HashedBody(size)
         direct = request.scope.get("extensions", {}).get(EXTENSION)
         if isinstance(direct, DirectBody) and direct.size == size:
             # Not hashed here: the event loop's thread only moves the bytes, and whoever

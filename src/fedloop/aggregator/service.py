@@ -41,7 +41,7 @@ from fedloop.protocol.messages import (
     UploadResponse,
 )
 from fedloop.security import tokens
-from fedloop.store.blobs import BlobStore, BodyPool, new_hasher
+from fedloop.store.blobs import BlobStore, BodyPool, PooledBody, new_hasher
 from fedloop.store.db import (
     AgentRow,
     DuplicateUpload,
@@ -90,7 +90,7 @@ class GlobalModel:
         round: int,
         weights: Weights,
         metrics: dict[str, float],
-        encoded: bytearray | None = None,
+        encoded: codec.Bytes | None = None,
     ) -> GlobalModel:
         """Return the global model holding `weights` (read-only views of them) and their pieces.
 
@@ -150,10 +150,12 @@ class Aggregator:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(database_url(config.data_dir, config.database_url))
         self.blobs = BlobStore(config.data_dir / "blobs", fsync=config.fsync_models)
-        self.bodies = BodyPool()  # upload buffers, reused round after round
-        # Global models' buffers (`codec.encode_into`): one is free again once the model
-        # after it is current and no download of it is in flight.
-        self.global_buffers = BodyPool()
+        # Upload buffers, reused round after round; page-aligned, so that the blob store
+        # writes a model from them straight to the disk.
+        self.bodies = BodyPool(PooledBody)
+        # Global models' buffers (`codec.encode_into`), the same: one is free again once the
+        # model after it is current and no download of it is in flight.
+        self.global_buffers = BodyPool(PooledBody)
         self.strategy: Strategy = load_strategy(config.strategy.name, **config.strategy.params)
         self.evaluator: Any = (
             load_engine(config.evaluate.engine, **config.evaluate.params)
@@ -457,7 +459,7 @@ class Aggregator:
     async def register(
         self,
         request: RegisterRequest,
-        body: bytes | bytearray,
+        body: codec.Bytes,
         principal: Principal | None = None,
     ) -> RegisterResponse:
         """The book's participate → welcome: the same name always gets the same id.

@@ -135,8 +135,8 @@ def _header(entries: Sequence[tuple[str, str, tuple[int, ...], int]]) -> bytes:
 
 
 def encode_into(
-    spec: ModelSpec, acquire: Callable[[int], bytearray] = bytearray
-) -> tuple[bytearray, Weights]:
+    spec: ModelSpec, acquire: Callable[[int], bytearray | mmap.mmap] = bytearray
+) -> tuple[bytearray | mmap.mmap, Weights]:
     """Lay out the safetensors bytes of a model of `spec` in one buffer, to be filled in place.
 
     Returns the buffer, from ``acquire(size)`` (e.g. a `BodyPool`'s), with the header written,
@@ -160,7 +160,7 @@ def encode_into(
     return buffer, weights
 
 
-def holds_encoding(buffer: bytearray, weights: Mapping[str, np.ndarray]) -> bool:
+def holds_encoding(buffer: Bytes, weights: Mapping[str, np.ndarray]) -> bool:
     """Return whether `buffer` is ``encode(weights)`` in place: it starts with their header
     and each tensor is an array over its own place in it (as `encode_into` lays them out)."""
     parts = encode_parts(weights)
