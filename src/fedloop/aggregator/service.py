@@ -60,6 +60,9 @@ from fedloop.types import Weights
 log = logging.getLogger("fedloop.aggregator")
 
 SPEC_KEY = "model_spec"
+# Seconds before a failed aggregation is tried again (a full disk, the database away, an
+# evaluator that raised), doubling after each failure up to the second figure.
+AGGREGATION_RETRY = (1.0, 30.0)
 
 
 # An upload with what checking it gave (its weights and stored blob's id, or the refusal), and
@@ -180,6 +183,9 @@ class Aggregator:
         self.last_base: dict[str, int] = {}
         self.closing = False
         self.finished = False
+        # After a failed aggregation: when (time.monotonic()) to try again, and the last wait.
+        self._retry_at: float | None = None
+        self._retry_wait = 0.0
         self.subscribers: set[asyncio.Queue[PushMessage]] = set()
         self._new_global = asyncio.Event()
         self._ticker: asyncio.Task[None] | None = None
@@ -947,13 +953,40 @@ class Aggregator:
             await self._aggregate_now(reason)
 
     async def _aggregate_now(self, reason: str) -> None:
-        """Aggregate the pending local models and announce the result; the lock must be held."""
+        """Aggregate the pending local models and announce the result; the lock must be held.
+
+        A failure leaves the round open with its uploads, and the aggregation is tried again
+        after `AGGREGATION_RETRY` (`_tick`): the uploads are all in, so no later upload would
+        close the round, and the agents wait for its global model.
+        """
         try:
             await asyncio.to_thread(self._aggregate, reason)
             self._announce()
+            self._retry_wait = 0.0
         except Exception:
-            log.exception("aggregation of round %d failed; the round stays open", self.round)
+            first, most = AGGREGATION_RETRY
+            self._retry_wait = min(most, max(first, 2 * self._retry_wait))
+            log.exception(
+                "aggregation of round %d failed; the round stays open, tried again in %.0f s",
+                self.round,
+                self._retry_wait,
+            )
+            try:
+                await asyncio.to_thread(self._restore_strategy)
+            except Exception:
+                log.exception("the strategy's state of the last global model did not reload")
+            self._retry_at = time.monotonic() + self._retry_wait
             self.closing = False
+
+    def _restore_strategy(self) -> None:
+        """Put the strategy back in the state committed with the last global model, as a
+        restart would: the failed aggregation may have changed it (FedAdam's moments, a
+        privacy accountant), and a retry must not apply its step twice."""
+        strategy = load_strategy(self.config.strategy.name, **self.config.strategy.params)
+        latest = self.store.latest_global()
+        if latest is not None and latest.state_id:
+            strategy.load_state(codec.decode(self.blobs.get(latest.state_id)))
+        self.strategy = strategy
 
     def _evaluate(self, weights: Weights) -> dict[str, float]:
         if self.evaluator is None:
@@ -1051,13 +1084,20 @@ class Aggregator:
         self._new_global = asyncio.Event()
 
     async def _tick(self) -> None:
-        """Close a round at its deadline, and persist last-contact times now and then."""
+        """Close a round at its deadline or retry its failed aggregation, and persist
+        last-contact times now and then."""
         flushed: dict[str, float] = {}
         while True:
             await asyncio.sleep(0.2)
+            # After a failed aggregation, neither closes the round before its retry is due.
+            waiting = self._retry_at is not None and time.monotonic() < self._retry_at
+            if self._retry_at is not None and not waiting:
+                self._retry_at = None
+                self._maybe_close("retry")
             timeout = self.config.round_timeout
             if (
                 timeout
+                and not waiting
                 and self.round
                 and not self.closing
                 and not self.finished
