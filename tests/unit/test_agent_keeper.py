@@ -93,6 +93,19 @@ def test_with_no_delay_the_model_is_written_at_once_while_the_upload_goes_on() -
     assert [w[2]["round"] for w in saves.writes] == [0, 1, 2]
 
 
+def test_with_no_delay_an_upload_answered_before_the_watcher_looks_is_still_written() -> None:
+    # `--keep-local-after 0` means always: whichever of the watcher and finish() gets there
+    # first writes it, exactly once, before finish() returns.
+    saves = Saves()
+    keeper = LocalKeeper(0.0, saves)
+    for round_number in range(50):
+        keeper.start(b"m", {"round": round_number}, _state(round_number))
+        keeper.answered()  # at once: usually before the watcher has woken
+        keeper.finish()
+        assert [w[2]["round"] for w in saves.writes] == list(range(round_number + 1))
+    keeper.close()
+
+
 def test_finish_waits_for_a_write_in_progress_and_raises_its_error_once() -> None:
     saves = Saves(error=OSError(28, "No space left on device"))
     saves.release.clear()

@@ -11,7 +11,7 @@ upload to a thread and waking it again with the answer cost 0.17–0.19 ms of th
 a round (three thread wake-ups, each with the GIL changing hands); setting the shared slot
 costs an uncontended lock. A slow upload's model is written ``after`` seconds after it
 started (up to 20 ms later for a shorter ``after``). With ``after = 0`` the watcher is woken
-for each upload.
+for each upload, and every model is written, even one answered before the watcher got to it.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ class _Job:
 
 
 class LocalKeeper:
-    """Writes the local model of an upload not answered within ``after`` seconds (0: at once,
-    while the upload starts) with `save`, on a watcher thread."""
+    """Writes the local model of an upload not answered within ``after`` seconds with `save`,
+    on a watcher thread (0: every one, at once, while the upload starts)."""
 
     def __init__(self, after: float, save: Save) -> None:
         self.after = after
@@ -70,9 +70,12 @@ class LocalKeeper:
                 self._cv.notify()  # written at once: only then is the watcher woken
 
     def answered(self) -> None:
-        """The upload was answered (or refused): its model need not be written any more."""
+        """The upload was answered (or refused): its model need not be written any more,
+        unless ``after`` is 0: then it is written in any case, by the watcher or by finish(),
+        even when the answer came before the watcher got to it."""
         with self._cv:
-            self._job = None
+            if self.after > 0:
+                self._job = None
 
     def finish(self) -> None:
         """Return once no write is left: wait for the watcher's, write an unanswered upload's
