@@ -91,12 +91,12 @@ def test_the_retry_waits_longer_after_each_failure(
 ) -> None:
     monkeypatch.setattr(service, "AGGREGATION_RETRY", (0.3, 0.5))
     waits: list[float] = []
-    real = Aggregator._restore_strategy
+    real = Aggregator._committed_strategy
 
-    def spy(self: Aggregator) -> None:
-        real(self)
+    def spy(self: Aggregator, latest: Any) -> Any:
         waits.append(self._retry_wait)
+        return real(self, latest)
 
-    monkeypatch.setattr(Aggregator, "_restore_strategy", spy)
+    monkeypatch.setattr(Aggregator, "_committed_strategy", spy)
     asyncio.run(_run(tmp_path, "fedavg", 3, monkeypatch))
     assert waits == [0.3, 0.5, 0.5]

@@ -228,7 +228,7 @@ class Aggregator:
                 latest.round, codec.decode(data), (data,), dict(latest.metrics), latest.model_id
             )
             if latest.state_id:
-                self.strategy.load_state(codec.decode(self.blobs.get(latest.state_id)))
+                self.strategy = self._committed_strategy(latest)
             self.finished = bool(self.config.rounds) and latest.round >= self.config.rounds
         opened = self.store.open_round()
         if opened is not None:
@@ -972,21 +972,23 @@ class Aggregator:
                 self._retry_wait,
             )
             try:
-                await asyncio.to_thread(self._restore_strategy)
+                # As a restart would: the failed try may have changed the strategy (FedAdam's
+                # moments, a privacy accountant), and the retry must not take its step twice.
+                self.strategy = await asyncio.to_thread(
+                    lambda: self._committed_strategy(self.store.latest_global())
+                )
             except Exception:
                 log.exception("the strategy's state of the last global model did not reload")
             self._retry_at = time.monotonic() + self._retry_wait
             self.closing = False
 
-    def _restore_strategy(self) -> None:
-        """Put the strategy back in the state committed with the last global model, as a
-        restart would: the failed aggregation may have changed it (FedAdam's moments, a
-        privacy accountant), and a retry must not apply its step twice."""
+    def _committed_strategy(self, latest: GlobalModelRow | None) -> Strategy:
+        """Return a new strategy as configured, in the state committed with `latest` (the
+        last global model's row)."""
         strategy = load_strategy(self.config.strategy.name, **self.config.strategy.params)
-        latest = self.store.latest_global()
         if latest is not None and latest.state_id:
             strategy.load_state(codec.decode(self.blobs.get(latest.state_id)))
-        self.strategy = strategy
+        return strategy
 
     def _evaluate(self, weights: Weights) -> dict[str, float]:
         if self.evaluator is None:
