@@ -174,10 +174,11 @@ def _drop_cached(fd: int) -> None:
 # filesystem that takes O_DIRECT accepts (most need only the logical block, 512 bytes).
 _PAGE = mmap.PAGESIZE
 # Bytes from which a model is written with O_DIRECT. Measured on the reference VM (ext4 on
-# virtio), write + fsync from a page-aligned buffer: 4 MB 2.8-3.6 ms of wall time and 1.3-1.9 ms
-# of CPU through the page cache, 2.5-2.7 ms and 0.4-0.5 ms direct; 100 MB 53-59 ms and 27-31
-# ms, against 38-41 ms and 3-4 ms.
-_DIRECT_MIN = 256 * 1024
+# virtio), write + fsync from a page-aligned buffer, wall time and CPU through the page cache
+# against direct: 256 KiB 0.49-0.51 and 0.19 ms against 0.54-0.58 and 0.19-0.23 ms (slower);
+# 1 MiB 0.99-1.06 and 0.42-0.44 ms against 0.82-0.92 and 0.25-0.26 ms; 4 MB 2.8-3.6 and
+# 1.3-1.9 ms against 2.5-2.7 and 0.4-0.5 ms; 100 MB 53-59 and 27-31 ms against 38-41 and 3-4 ms.
+_DIRECT_MIN = 1024 * 1024
 
 
 def _write_direct(fd: int, parts: Sequence[bytes | bytearray | memoryview | mmap.mmap]) -> int:
