@@ -193,3 +193,41 @@ def test_a_restart_mid_round_drops_uploads_whose_bytes_were_not_kept(tmp_path: P
             await again.stop()
 
     asyncio.run(go())
+
+
+def test_a_model_that_cannot_be_stored_is_refused_with_a_5xx_and_taken_when_sent_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    async def go() -> None:
+        agg = Aggregator(AggregatorConfig(data_dir=tmp_path, min_agents=2, rounds=1))
+        await agg.start()
+        try:
+            a, b = await register(agg, 2)
+            real = agg.blobs.put
+            errors = [OSError(errno.ENOSPC, "No space left on device"), OSError(errno.EIO, "I/O")]
+
+            def put(data: bytes, key: str | None = None) -> str:
+                if errors:
+                    raise errors.pop(0)
+                return real(data, key)
+
+            monkeypatch.setattr(agg.blobs, "put", put)
+            (full,) = await agg.upload_many([(request(a), weights(1.0))])
+            (broken,) = await agg.upload_many([(request(a), weights(1.0))])
+            assert isinstance(full, ProtocolError) and isinstance(broken, ProtocolError)
+            # Retryable (agents send a 5xx again later), and said as such.
+            assert (full.status, full.code) == (507, "storage_full")
+            assert (broken.status, broken.code) == (503, "storage_error")
+            assert agg.store.local_models(1) == []  # nothing was filed
+            again = await agg.upload_many([(request(a), weights(1.0))])
+            other = await agg.upload_many([(request(b), weights(3.0))])
+            assert isinstance(again[0], UploadResponse) and isinstance(other[0], UploadResponse)
+            model = await agg.wait_for_global(0, 5)
+            assert model is not None and model.round == 1
+            np.testing.assert_allclose(model.weights["w"], np.full(3, 2.0, np.float32))
+        finally:
+            await agg.stop()
+
+    asyncio.run(go())

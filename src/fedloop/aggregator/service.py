@@ -13,6 +13,7 @@ next global model will get, and a local model's row is filed under it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import math
 import time
@@ -678,7 +679,8 @@ class Aggregator:
 
     def _check_and_store(self, body: codec.Bytes) -> tuple[Weights, str] | ProtocolError:
         """Validate a local model and write its blob (outside the lock: uploads overlap);
-        return the refusal instead for a body that is not a valid model."""
+        return the refusal instead for a body that is not a valid model, or a 5xx one (507
+        when the disk is full) for a blob that could not be written."""
         assert self.spec is not None
         # A body hashed as it was filled (`HashedBody.digest`, a simulation worker's
         # `MappedBody`) is not hashed again; a large one from the HTTP layer is hashed here,
@@ -697,7 +699,17 @@ class Aggregator:
         assert digest is not None
         if not self.config.keep_local_models:  # the row keeps the content address only
             return weights, digest
-        return weights, self.blobs.put(body, key=digest)
+        try:
+            return weights, self.blobs.put(body, key=digest)
+        except OSError as exc:
+            # The aggregator's fault, not the model's: a 5xx, which agents send again later.
+            log.error("a local model could not be stored: %s", exc)
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            return ProtocolError(
+                f"the aggregator could not store the model ({exc.strerror}); send it again later",
+                507 if full else 503,
+                "storage_full" if full else "storage_error",
+            )
 
     async def upload(self, request: UploadRequest, body: codec.Bytes) -> UploadResponse:
         """Accept a local model for the current round, or refuse it with the reason."""
