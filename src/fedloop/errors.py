@@ -14,11 +14,27 @@ class ConfigError(FedloopError):
 class ProtocolError(FedloopError):
     """A message or model does not follow the wire protocol or the registered model."""
 
-    def __init__(self, message: str, status: int = 400, code: str = "bad_request") -> None:
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        code: str = "bad_request",
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        # Seconds before the request is worth sending again (`Retry-After`), for a 5xx that
+        # will not go away at once.
+        self.retry_after = retry_after
 
 
 class ConnectionFailed(FedloopError):
-    """The aggregator cannot be reached."""
+    """The aggregator cannot be reached (or answered a 5xx: worth trying again later).
+
+    `retry_after`: the seconds the aggregator asked to wait (its `Retry-After`), if it did.
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -27,7 +27,14 @@ from typing import Any, Literal
 import httpx
 import numpy as np
 
-from fedloop.agent.client import NO_SECAGG, BodyBuffer, ModelBody, body_size, chunks
+from fedloop.agent.client import (
+    NO_SECAGG,
+    BodyBuffer,
+    ModelBody,
+    body_size,
+    chunks,
+    retry_after,
+)
 from fedloop.errors import ConnectionFailed, FedloopError
 from fedloop.protocol import codec
 from fedloop.protocol.messages import (
@@ -130,35 +137,47 @@ class AsyncAgent:
         model: ModelBody | None = None,
         **kw: Any,
     ) -> Any:
-        """Send a request, retrying while the aggregator is unreachable; `model` is streamed in
-        slices, from the start again on every try (a generator would be spent after one)."""
+        """Send a request, retrying while the aggregator is unreachable or answers a 5xx (as
+        `Agent` does: a restart behind a balancer, a full disk); `model` is streamed in slices,
+        from the start again on every try (a generator would be spent after one)."""
         delay = 0.1
         loop = asyncio.get_running_loop()
         started = loop.time()
         while True:
             if model is not None:
                 kw["content"] = _slices(model)
+            wait = delay
             try:
                 response = await http.request(method, path, **kw)
             except httpx.TransportError as exc:
-                if self._stop.is_set() or (
-                    self.give_up_after is not None and loop.time() - started > self.give_up_after
-                ):
-                    raise ConnectionFailed(
-                        f"cannot reach the aggregator at {self.url} ({type(exc).__name__}: "
-                        f"{exc}); check that it is running and that the address is right"
-                    ) from exc
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.backoff_max)
-                continue
-            if response.status_code >= 400:
+                failure: Exception = ConnectionFailed(
+                    f"cannot reach the aggregator at {self.url} ({type(exc).__name__}: "
+                    f"{exc}); check that it is running and that the address is right"
+                )
+                failure.__cause__ = exc
+            else:
+                if response.status_code < 400:
+                    return response
                 try:
                     body = response.json()
                     code, detail = str(body["error"]), str(body["detail"])
                 except (ValueError, KeyError, TypeError):
                     code, detail = "http_error", response.text[:500]
-                raise AsyncRefused(detail, response.status_code, code)
-            return response
+                if response.status_code < 500:
+                    raise AsyncRefused(detail, response.status_code, code)
+                failure = ConnectionFailed(
+                    f"the aggregator at {self.url} answered {response.status_code} "
+                    f"({code}: {detail[:200]})",
+                    retry_after=retry_after(response.headers),
+                )
+                wait = max(delay, failure.retry_after or 0.0)
+            if self._stop.is_set() or (
+                self.give_up_after is not None and loop.time() - started > self.give_up_after
+            ):
+                raise failure
+            log.info("%s: %s; retrying in %.1f s", self.name, failure, wait)
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, self.backoff_max)
 
     async def _fetch_global(
         self, http: httpx.AsyncClient, after: int, wait: float
@@ -178,6 +197,11 @@ class AsyncAgent:
                 if self._stop.is_set():
                     raise
                 await asyncio.sleep(delay)
+                delay = min(delay * 2, self.backoff_max)
+                continue
+            if response.status_code >= 500 and not self._stop.is_set():  # an outage: wait
+                await response.aclose()
+                await asyncio.sleep(max(delay, retry_after(response.headers) or 0.0))
                 delay = min(delay * 2, self.backoff_max)
                 continue
             try:

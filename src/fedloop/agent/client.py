@@ -192,24 +192,28 @@ class AggregatorClient:
     def _check(self, response: httpx.Response) -> None:
         """Raise ConnectionFailed for a 5xx answer, Refused for a 4xx one (read responses only)."""
         if response.status_code >= 400:
-            self._raise_for(response.status_code, response.text)
+            self._raise_for(response.status_code, response.text, response.headers)
 
-    def _raise_for(self, status: int, text: str) -> None:
-        """Raise ConnectionFailed for a 5xx status, Refused (with the error code) for a 4xx."""
+    def _raise_for(self, status: int, text: str, headers: Mapping[str, str] | None = None) -> None:
+        """Raise ConnectionFailed for a 5xx status (with the wait its `Retry-After` asks for),
+        Refused (with the error code) for a 4xx."""
+        if status < 400:
+            return
+        try:
+            body = json.loads(text)
+            code, detail = str(body["error"]), str(body["detail"])
+        except (ValueError, KeyError, TypeError):
+            code, detail = "", ""
         if status >= 500:
-            # A restarting aggregator behind a load balancer answers 502/503/504, and a 500 is
-            # the server's fault: all are worth another try, like a refused connection.
+            # A restarting aggregator behind a load balancer answers 502/503/504, a 500 is the
+            # server's fault, and a 507 its full disk: all are worth another try, like a
+            # refused connection.
+            said = f"{code}: {detail}" if code else f"{text[:200].strip()!r}; it may be restarting"
             raise ConnectionFailed(
-                f"the aggregator at {self.url} answered {status} "
-                f"({text[:200].strip()!r}); it may be restarting"
+                f"the aggregator at {self.url} answered {status} ({said})",
+                retry_after=retry_after(headers),
             )
-        if status >= 400:
-            try:
-                body = json.loads(text)
-                code, detail = str(body["error"]), str(body["detail"])
-            except (ValueError, KeyError, TypeError):
-                code, detail = "http_error", text[:500]
-            raise Refused(detail, status, code)
+        raise Refused(detail or text[:500], status, code or "http_error")
 
     def _download(
         self, path: str, params: Mapping[str, Any] | None = None, timeout: float | None = None
@@ -248,7 +252,7 @@ class AggregatorClient:
                 if response.status == 204:
                     return None
                 if response.status >= 400:
-                    self._raise_for(response.status, response.text())
+                    self._raise_for(response.status, response.text(), response.headers)
                 declared = response.headers.get("content-length")
                 if declared is None or response.headers.get("content-encoding"):
                     raise ConnectionFailed("the model body came without a plain Content-Length")
@@ -303,10 +307,10 @@ class AggregatorClient:
                     "POST", "/v1/updates", headers={**headers, **auth_header(self.token)},
                     body=chunks(data),
                 ) as answer:  # fmt: skip
-                    status, text = answer.status, answer.text()
+                    status, text, head = answer.status, answer.text(), answer.headers
             except (OSError, http.client.HTTPException) as exc:
                 raise self._unreachable(exc) from exc
-            self._raise_for(status, text)
+            self._raise_for(status, text, head)
             return UploadResponse.model_validate_json(text)
         response = self._send("POST", "/v1/updates", content=chunks(data), headers=headers)
         return UploadResponse.model_validate(response.json())
@@ -383,6 +387,24 @@ class AggregatorClient:
         return reply
 
 
+# The longest `Retry-After` an agent honours, in seconds: a typo on the server's side must not
+# park its agents for a day.
+RETRY_AFTER_MAX = 300.0
+
+
+def retry_after(headers: Mapping[str, str] | None) -> float | None:
+    """Return the seconds of a response's `Retry-After` (capped at RETRY_AFTER_MAX), or None
+    when it has none or gives a date (fedloop's aggregator gives seconds)."""
+    value = (headers or {}).get("retry-after")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return min(max(seconds, 0.0), RETRY_AFTER_MAX) if seconds == seconds else None
+
+
 def retry(
     action: Callable[[], T],
     stop: threading.Event | None = None,
@@ -390,7 +412,12 @@ def retry(
     give_up_after: float | None = None,
     on_retry: Callable[[Exception, float], None] | None = None,
 ) -> T:
-    """Return `action()`, retrying with exponential backoff while the aggregator is unreachable."""
+    """Return `action()`, retrying with exponential backoff while the aggregator is unreachable.
+
+    An answer that asked for a longer wait (`ConnectionFailed.retry_after`, from `Retry-After`)
+    gets it: an aggregator whose disk is full would otherwise receive every agent's whole model
+    again every `backoff_max` seconds.
+    """
     delay, started = 0.1, time.monotonic()
     while True:
         try:
@@ -398,12 +425,13 @@ def retry(
         except ConnectionFailed as exc:
             if give_up_after is not None and time.monotonic() - started > give_up_after:
                 raise
+            wait = max(delay, exc.retry_after or 0.0)
             if on_retry is not None:
-                on_retry(exc, delay)
-            if stop is not None and stop.wait(delay):
+                on_retry(exc, wait)
+            if stop is not None and stop.wait(wait):
                 raise
             if stop is None:
-                time.sleep(delay)
+                time.sleep(wait)
             delay = min(delay * 2, backoff_max)
 
 
