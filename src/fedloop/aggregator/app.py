@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -48,11 +49,16 @@ def _error(
     )
 
 
-def _challenge(exc: ProtocolError) -> dict[str, str] | None:
-    """The `WWW-Authenticate` header a 401 carries (RFC 6750)."""
-    if exc.status != 401:
-        return None
-    return {"www-authenticate": f'Bearer realm="fedloop", error="invalid_token", code="{exc.code}"'}
+def _error_headers(exc: ProtocolError) -> dict[str, str] | None:
+    """The headers a refusal carries: `WWW-Authenticate` on a 401 (RFC 6750), `Retry-After`
+    (whole seconds) when the refusal says when to try again."""
+    headers: dict[str, str] = {}
+    if exc.status == 401:
+        challenge = f'Bearer realm="fedloop", error="invalid_token", code="{exc.code}"'
+        headers["www-authenticate"] = challenge
+    if exc.retry_after is not None:
+        headers["retry-after"] = str(max(0, math.ceil(exc.retry_after)))
+    return headers or None
 
 
 SEND_CHUNK = 1024 * 1024  # bytes per ASGI body message when a model is sent
@@ -260,7 +266,7 @@ def create_app(config: AggregatorConfig, aggregator: Aggregator | None = None) -
             refusal(websocket, exc)
             try:
                 await websocket.send_denial_response(
-                    _error(exc.status, exc.code, str(exc), _challenge(exc))
+                    _error(exc.status, exc.code, str(exc), _error_headers(exc))
                 )
             except RuntimeError:  # a server without the denial-response extension
                 await websocket.close(code=4000 + exc.status, reason=exc.code)
@@ -299,7 +305,7 @@ def create_app(config: AggregatorConfig, aggregator: Aggregator | None = None) -
     async def protocol_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ProtocolError)
         refusal(request, exc)
-        return _error(exc.status, exc.code, str(exc), _challenge(exc))
+        return _error(exc.status, exc.code, str(exc), _error_headers(exc))
 
     async def client_gone(request: Request, exc: Exception) -> Response:
         # The sender went away mid-body (killed, network cut): nothing was stored, as nothing is

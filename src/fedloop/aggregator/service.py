@@ -64,6 +64,10 @@ SPEC_KEY = "model_spec"
 # Seconds before a failed aggregation is tried again (a full disk, the database away, an
 # evaluator that raised), doubling after each failure up to the second figure.
 AGGREGATION_RETRY = (1.0, 30.0)
+# Seconds an agent is asked to wait (`Retry-After`) before sending again a local model that
+# could not be stored: a full disk stays full until someone makes room, and every try sends
+# the whole model again (without it, agents tried every 5 s).
+STORAGE_RETRY_AFTER = 10.0
 
 
 # An upload with what checking it gave (its weights and stored blob's id, or the refusal), and
@@ -709,6 +713,7 @@ class Aggregator:
                 f"the aggregator could not store the model ({exc.strerror}); send it again later",
                 507 if full else 503,
                 "storage_full" if full else "storage_error",
+                retry_after=STORAGE_RETRY_AFTER,
             )
 
     async def upload(self, request: UploadRequest, body: codec.Bytes) -> UploadResponse:
@@ -975,13 +980,17 @@ class Aggregator:
             await asyncio.to_thread(self._aggregate, reason)
             self._announce()
             self._retry_wait = 0.0
-        except Exception:
+        except Exception as exc:
             first, most = AGGREGATION_RETRY
             self._retry_wait = min(most, max(first, 2 * self._retry_wait))
-            log.exception(
-                "aggregation of round %d failed; the round stays open, tried again in %.0f s",
+            log.error(
+                "aggregation of round %d failed (%s); the round stays open, tried again in %.0f s",
                 self.round,
+                exc,
                 self._retry_wait,
+                # A full or failing disk is said in one line; anything else (a strategy's or an
+                # evaluator's bug, the database) with its traceback.
+                exc_info=not isinstance(exc, OSError),
             )
             try:
                 # As a restart would: the failed try may have changed the strategy (FedAdam's
