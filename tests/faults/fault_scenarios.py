@@ -9,6 +9,7 @@ not land in the phase it aims at.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from faultkit import (
     SlowUpload,
     audit,
     blob_sha,
+    small_disk,
     snapshot,
     upload_in_thread,
     wait_until,
@@ -422,6 +424,76 @@ def restart_behind_a_balancer(root: Path, outage: float = 1.5) -> dict[str, Any]
         return finish(server, agents, before, rounds)
 
 
+# --- the aggregator's disk full -------------------------------------------------------------
+
+
+def refused(server: Server, reason: str) -> int:
+    """How many requests the aggregator refused for `reason` (its /metrics)."""
+    prefix = f'fedloop_rejected_requests_total{{reason="{reason}"}} '
+    for line in server.get("/metrics").text.splitlines():
+        if line.startswith(prefix):
+            return int(float(line[len(prefix) :]))
+    return 0
+
+
+def disk_full(root: Path, size_mb: float = 1.0) -> dict[str, Any]:
+    """The aggregator's disk fills up, twice: its data directory is a small tmpfs, and a filler
+    file takes the free space.
+
+    1. While round 1's local models arrive: each is refused with 507 storage_full, nothing of
+       it stays on the disk, and the agents send the same models again (without training
+       again) after the 10 s the refusal asks for (`Retry-After`), once the filler is gone.
+    2. While round 2 closes, with room for its two local models but not for the global model:
+       the aggregation fails, the round stays open with its uploads, and the aggregator tries
+       it again until the filler goes.
+    Needs root (the mount); NoSmallDisk otherwise.
+    """
+    rounds = 3
+    # An agent trains 1 s a round: the test fills the disk in between.
+    sets = {"size_mb": size_mb, "delay": 1.0}
+    with small_disk(root / "aggregator", 32) as disk, run_in(root) as run:
+        server = run.server(rounds=rounds, min_agents=2)
+        agents = [
+            run.agent(f"a{i}", server.url, offset=i + 1, samples=10 * (i + 1), **sets)
+            for i in range(2)
+        ]
+        server.wait_for(lambda s: s["registered_agents"] == 2 and s["round"] == 1, 60)
+        before = snapshot(server.data_dir)
+
+        # 1. Full while round 1's local models arrive.
+        disk.fill()
+        wait_until(lambda: refused(server, "storage_full") >= 2, 60, "uploads refused (507)")
+        wait_until(
+            lambda: all("retrying in 10.0 s" in a.log() for a in agents), 30, "agents waiting"
+        )
+        status = server.status()
+        assert (status["global_round"], status["uploads"]) == (0, 0), status
+        assert not list((disk.path / "blobs").glob("*/*/.tmp-*")), "a refused upload left a file"
+        assert "Traceback" not in server.log(), server.log()[-3000:]
+        disk.empty()
+        wait_global(server, 1)
+
+        # 2. Room for round 2's two local models, not for its global model.
+        page = os.sysconf("SC_PAGE_SIZE")
+        model = -(-len(codec.encode(_model(0.0, size_mb))) // page) * page
+        disk.fill(leave=2 * model + model // 2)
+        wait_until(
+            lambda: "aggregation of round 2 failed" in server.log(), 60, "the failed aggregation"
+        )
+        status = server.status()
+        assert (status["global_round"], status["uploads"]) == (1, 2), status
+        time.sleep(1.5)  # a retry or two, still on a full disk
+        assert server.status()["global_round"] == 1
+        assert "Traceback" not in server.log(), server.log()[-3000:]  # said in one line
+        refused_total = refused(server, "storage_full")
+        disk.empty()
+        report = finish(server, agents, before, rounds)
+        assert [len(c) for c in report["contributors"].values()] == [0, 2, 2, 2]
+        # A refused upload is sent again as it was: every round trained once.
+        assert all(a.trained() == [1, 2, 3] for a in agents), [a.trained() for a in agents]
+        return {**report, "refused_storage_full": refused_total}
+
+
 def _blob_keys(server: Server) -> set[str]:
     from fedloop.store.blobs import BlobStore
 
@@ -437,8 +509,6 @@ SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "connection_dropped": connection_dropped,
     "connection_paused": connection_paused,
     "straggler": straggler,
-}
-# Fails today (docs/faults.md, "Known gaps"): run it by name.
-KNOWN_BROKEN: dict[str, Callable[..., dict[str, Any]]] = {
     "restart_behind_a_balancer": restart_behind_a_balancer,
+    "disk_full": disk_full,
 }

@@ -8,6 +8,7 @@ auditor would and counts what the guarantees in docs/faults.md say must never ha
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import sqlite3
@@ -157,6 +158,65 @@ class AgentProcess:
             raise AssertionError(
                 f"agent {self.name} still running; log:\n{self.log()[-3000:]}"
             ) from exc
+
+
+class NoSmallDisk(RuntimeError):
+    """This machine cannot mount a small filesystem for the test (it needs root)."""
+
+
+class SmallDisk:
+    """A tmpfs of a few MB mounted at `path` (root only): a real filesystem that fills up.
+
+    `fill(leave)` takes all its free space but `leave` bytes with a filler file (allocated, not
+    sparse), `empty()` gives it back.
+    """
+
+    def __init__(self, path: Path, size_mb: int) -> None:
+        self.path = path
+        self.size_mb = size_mb
+        self.filler = path / "filler"
+
+    def mount(self) -> SmallDisk:
+        self.path.mkdir(parents=True, exist_ok=True)
+        command = ["mount", "-t", "tmpfs", "-o", f"size={self.size_mb}m", "tmpfs", str(self.path)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        except OSError as exc:  # no mount(8)
+            raise NoSmallDisk(f"cannot mount a tmpfs: {exc}") from exc
+        if done.returncode != 0:
+            raise NoSmallDisk(f"cannot mount a tmpfs (needs root): {done.stderr.strip()}")
+        return self
+
+    def unmount(self) -> None:
+        subprocess.run(["umount", "--lazy", str(self.path)], capture_output=True, timeout=30)
+
+    def free(self) -> int:
+        stats = os.statvfs(self.path)
+        return stats.f_bavail * stats.f_frsize
+
+    def fill(self, leave: int = 0) -> None:
+        """Leave only `leave` bytes free (rounded to pages), whatever the filler held before."""
+        self.empty()
+        size = self.free() - leave
+        if size > 0:
+            fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            finally:
+                os.close(fd)
+
+    def empty(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size_mb: int) -> Iterator[SmallDisk]:
+    """Mount a `SmallDisk` at `path` for the block; NoSmallDisk where that is not possible."""
+    disk = SmallDisk(path, size_mb).mount()
+    try:
+        yield disk
+    finally:
+        disk.unmount()
 
 
 class SlowUpload:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import fault_scenarios as scenarios
-from faultkit import violations
+import pytest
+from faultkit import NoSmallDisk, violations
 
 
 def test_killed_during_registration_keeps_every_acknowledged_agent(tmp_path: Path) -> None:
@@ -35,3 +36,14 @@ def test_killed_during_distribution_of_a_big_model_the_agent_fetches_it_again(
     report = scenarios.kill_during_distribution(tmp_path)
     assert violations(report) == {}, report
     assert report["rounds_completed"] == 2 and report["kills"] == 1
+
+
+def test_disk_full_refuses_uploads_then_retries_the_aggregation_and_finishes(
+    tmp_path: Path,
+) -> None:
+    try:
+        report = scenarios.disk_full(tmp_path)
+    except NoSmallDisk as exc:
+        pytest.skip(f"the disk-full scenario mounts a small tmpfs: {exc}")
+    assert violations(report) == {}, report
+    assert report["rounds_completed"] == 3 and report["refused_storage_full"] >= 2
