@@ -216,6 +216,44 @@ def test_agent_rounds_through_buffers_and_fsyncs_only_its_registration(
     np.testing.assert_array_equal(StateDir(tmp_path).load_global()["b"], WEIGHTS["b"] + 3)
 
 
+def test_a_push_agent_waits_for_each_global_model_with_a_long_poll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request is in flight before the model exists: the aggregator answers it at once,
+    instead of announcing over the WebSocket and then being asked."""
+    from fedloop.agent import runner
+
+    class _Connected:  # a push connection that is up and never announces anything
+        connected, announced, finished = True, -1, False
+
+        def __init__(self, *args: object, **kwargs: object) -> None: ...
+
+        def start(self) -> _Connected:
+            return self
+
+        def stop(self) -> None: ...
+
+    monkeypatch.setattr(runner, "PushListener", _Connected)
+    waits: list[str] = []
+    aggregator = _Aggregator(rounds=2)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models/global/latest":
+            waits.append(request.url.params["wait"])
+        return aggregator(request)
+
+    agent = runner.Agent(_KeepEngine(), "http://aggregator.test", "a", tmp_path, poll_wait=7.0)
+    assert agent.mode == "push"
+    agent.client.http = httpx.Client(
+        base_url=agent.client.url, transport=httpx.MockTransport(handler)
+    )
+    agent.client.bulk = None
+    agent.initial_weights = WEIGHTS
+    state = agent.run()
+    assert (state.global_round, state.finished) == (2, True)
+    assert waits and set(waits) == {"7.0"}, waits
+
+
 def test_async_agent_sends_the_whole_model_again_when_it_retries() -> None:
     import asyncio
 

@@ -439,6 +439,9 @@ class PushListener:
     """Keeps a WebSocket open to the aggregator (reconnecting) and records announced rounds.
 
     The connection is the agent's own outbound one: the aggregator never connects to an agent.
+    An agent waits for a global model with a long poll either way (`Agent._wait_for_global`);
+    the announcements tell a training agent that a newer global model overtook its round, and
+    the open connection counts it as connected (`/metrics`, the dashboard).
     """
 
     def __init__(
@@ -457,7 +460,6 @@ class PushListener:
         self.announced = -1
         self.finished = False
         self.connected = False
-        self._changed = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fedloop-push", daemon=True)
 
@@ -467,15 +469,6 @@ class PushListener:
 
     def stop(self) -> None:
         self._stop.set()
-        with self._changed:
-            self._changed.notify_all()
-
-    def wait_beyond(self, round_number: int, timeout: float) -> bool:
-        """Block until a round above `round_number` is announced; False on timeout."""
-        with self._changed:
-            return self._changed.wait_for(
-                lambda: self.announced > round_number or self._stop.is_set(), timeout
-            )
 
     def _run(self) -> None:
         from websockets.exceptions import WebSocketException
@@ -500,10 +493,8 @@ class PushListener:
                         except TimeoutError:
                             continue
                         push = PushMessage.model_validate(json.loads(raw))
-                        with self._changed:
-                            self.announced = max(self.announced, push.round)
-                            self.finished = push.finished
-                            self._changed.notify_all()
+                        self.announced = max(self.announced, push.round)
+                        self.finished = push.finished
             except (OSError, WebSocketException, ValueError):
                 pass
             self.connected = False

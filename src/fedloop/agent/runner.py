@@ -205,12 +205,13 @@ class Agent:
     def _wait_for_global(self) -> None:
         self._global_bytes = None  # not needed any more: never hold two global models
         held = max(self.state.global_round, self._wait_after)
-        if self.push is not None and self.push.connected:
-            if not self.push.wait_beyond(held, 1.0):
-                return
-            result = self._call(lambda: self.client.latest_global(held))
-        else:
-            result = self._call(lambda: self.client.latest_global(held, self.poll_wait))
+        # Push or poll, the wait is a long poll: the aggregator answers it with the model as
+        # soon as the model is committed. Waiting for the push's announcement and only then
+        # asking cost a round trip more, and three thread hand-offs in the push listener
+        # (deploy 2 × 4 MB on loopback: the download began 0.9 ms after the announcement
+        # instead of 0.1 ms, rounds 3.5 % longer). The push connection still tells a training
+        # agent that a newer global model overtook its round (`_send`).
+        result = self._call(lambda: self.client.latest_global(held, self.poll_wait))
         if result is None:
             return
         info, data = result
