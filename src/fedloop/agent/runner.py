@@ -61,7 +61,11 @@ class Agent:
     ) -> None:
         """``keep_local_after``: seconds an upload may take before the local model is written
         to `workdir` for a restart to upload it again (0: always written). An upload answered
-        sooner needs no copy on disk; an agent killed before it is written trains again."""
+        sooner needs no copy on disk; an agent killed before it is written trains again.
+
+        ``poll_wait``: seconds one request for the next global model may wait for it (a long
+        poll, in both modes; the aggregator caps it at 60). `stop()` takes effect once the
+        request in flight returns."""
         if not hasattr(engine, "train"):
             raise FedloopError("the ML engine must have a train(weights, config) method")
         self.engine = engine
