@@ -231,3 +231,37 @@ def test_a_model_that_cannot_be_stored_is_refused_with_a_5xx_and_taken_when_sent
             await agg.stop()
 
     asyncio.run(go())
+
+
+def test_long_polls_get_the_new_model_before_the_announcements_go_out(tmp_path: Path) -> None:
+    """Agents waiting for the model (a long poll) start their downloads before the event loop
+    sends the WebSocket announcements, which only training agents need."""
+
+    async def go() -> None:
+        agg = Aggregator(AggregatorConfig(data_dir=tmp_path, min_agents=1, rounds=2))
+        await agg.start()
+        try:
+            (a,) = await register(agg, 1)
+            queue = agg.subscribe(a)
+            queue.get_nowait()  # the announcement of the current model, on connecting
+            order: list[str] = []
+
+            async def long_poll() -> None:
+                model = await agg.wait_for_global(0, 5)
+                assert model is not None and model.round == 1
+                order.append("long poll")
+
+            async def push() -> None:
+                await queue.get()
+                order.append("announcement")
+
+            waiting = [asyncio.create_task(long_poll()), asyncio.create_task(push())]
+            await asyncio.sleep(0)  # both wait now
+            (answer,) = await agg.upload_many([(request(a), weights(1.0))])
+            assert isinstance(answer, UploadResponse)
+            await asyncio.wait_for(asyncio.gather(*waiting), 5)
+            assert order == ["long poll", "announcement"]
+        finally:
+            await agg.stop()
+
+    asyncio.run(go())
