@@ -182,6 +182,11 @@ def test_each_auth_failure_is_refused_and_changes_nothing(server: Server) -> Non
         ("report, no token", lambda: rep(a, None), 401, anon),
         ("latest global, no token", lambda: get(latest, None), 401, anon),
         ("latest global, enrollment token", lambda: get(latest, for_c), 403, kind),
+        # Naming an agent in a long poll holds back its announcement: only its own may.
+        ("latest global waited as b, a's credential",
+         lambda: get(f"{latest}?agent_id={b}", cred_a), 403, other),
+        ("latest global waited as an agent, admin token",
+         lambda: get(f"{latest}?agent_id={a}", admin), 403, kind),
         ("global 0, no token", lambda: get("/v1/models/global/0", None), 401, anon),
         ("history, no token", lambda: get("/v1/history", None), 401, anon),
         ("history, agent credential", lambda: get("/v1/history", cred_a), 403, kind),
@@ -212,6 +217,7 @@ def test_each_auth_failure_is_refused_and_changes_nothing(server: Server) -> Non
     for path in ("/v1/history", "/v1/dashboard", "/metrics", "/v1/models/global/0"):
         assert _get(server, path, admin).status_code == 200, path
     assert codec.decode(_get(server, "/v1/models/global/0", cred_b).content).keys() == GOOD.keys()
+    assert _get(server, f"{latest}?agent_id={a}", cred_a).status_code == 200
     assert _ws_status(server, a, cred_a) == 101
     assert _report(server, a, cred_a).status_code == 200
     assert _upload(server, a, cred_a).json()["accepted"] is True

@@ -265,3 +265,36 @@ def test_long_polls_get_the_new_model_before_the_announcements_go_out(tmp_path: 
             await agg.stop()
 
     asyncio.run(go())
+
+
+def test_an_agent_whose_long_poll_gets_the_model_is_not_announced_it(tmp_path: Path) -> None:
+    """The model is the long poll's answer; the WebSocket announcement goes to the others."""
+
+    async def go() -> None:
+        agg = Aggregator(AggregatorConfig(data_dir=tmp_path, min_agents=2, rounds=3))
+        await agg.start()
+        try:
+            a, b = await register(agg, 2)
+            queues = {agent: agg.subscribe(agent) for agent in (a, b)}
+            for queue in queues.values():
+                queue.get_nowait()  # the announcement of the current model, on connecting
+            polls = [
+                asyncio.create_task(agg.wait_for_global(0, 5, agent_id=a)),
+                asyncio.create_task(agg.wait_for_global(0, 5)),  # an agent not naming itself
+            ]
+            await asyncio.sleep(0)
+            assert agg.waiting == {a: 1}
+            await agg.upload_many([(request(a), weights(1.0)), (request(b), weights(3.0))])
+            got = await asyncio.wait_for(asyncio.gather(*polls), 5)
+            assert [m.round if m else None for m in got] == [1, 1]
+            await asyncio.sleep(0)
+            assert queues[a].empty() and queues[b].get_nowait().round == 1
+            assert not agg.waiting  # the poll is over: a is announced the next model
+            await agg.upload_many([(request(a, 2), weights(1.0)), (request(b, 2), weights(3.0))])
+            await asyncio.wait_for(agg.wait_for_global(1, 5), 5)
+            await asyncio.sleep(0)
+            assert queues[a].get_nowait().round == 2 and queues[b].get_nowait().round == 2
+        finally:
+            await agg.stop()
+
+    asyncio.run(go())

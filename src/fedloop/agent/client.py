@@ -316,14 +316,17 @@ class AggregatorClient:
         return UploadResponse.model_validate(response.json())
 
     def latest_global(
-        self, after: int, wait: float = 0.0
+        self, after: int, wait: float = 0.0, agent_id: str | None = None
     ) -> tuple[GlobalModelInfo, bytearray | bytes] | None:
         """Return the newest global model if its round is above `after`, else None ("not yet").
 
-        The body comes in one buffer (a `bytearray` when the size was announced)."""
-        result = self._download(
-            "/v1/models/global/latest", params={"after": after, "wait": wait}, timeout=wait + 60.0
-        )
+        The body comes in one buffer (a `bytearray` when the size was announced). `agent_id`:
+        the agent asking, which the aggregator then does not send the model's WebSocket
+        announcement while the request waits."""
+        params: dict[str, Any] = {"after": after, "wait": wait}
+        if agent_id is not None:
+            params["agent_id"] = agent_id
+        result = self._download("/v1/models/global/latest", params=params, timeout=wait + 60.0)
         if result is None:
             return None
         headers, body = result

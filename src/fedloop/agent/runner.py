@@ -214,8 +214,10 @@ class Agent:
         # asking cost a round trip more, and three thread hand-offs in the push listener
         # (deploy 2 × 4 MB on loopback: the download began 0.9 ms after the announcement
         # instead of 0.1 ms, rounds 3.5 % longer). The push connection still tells a training
-        # agent that a newer global model overtook its round (`_send`).
-        result = self._call(lambda: self.client.latest_global(held, self.poll_wait))
+        # agent that a newer global model overtook its round (`_send`); while this request
+        # waits, the aggregator does not announce the model it answers with.
+        waiter = self.state.agent_id if self.push is not None else None
+        result = self._call(lambda: self.client.latest_global(held, self.poll_wait, waiter))
         if result is None:
             return
         info, data = result

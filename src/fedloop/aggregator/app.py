@@ -202,13 +202,20 @@ def create_app(config: AggregatorConfig, aggregator: Aggregator | None = None) -
         return JSONResponse(reply.model_dump())
 
     async def latest_global(request: Request) -> Response:
-        agg.require_reader(await who(request))
+        principal = await who(request)
+        agg.require_reader(principal)
         try:
             after = int(request.query_params.get("after", "-1"))
             wait = min(float(request.query_params.get("wait", "0")), LONG_POLL_MAX)
         except ValueError as exc:
             raise ProtocolError("'after' must be an integer and 'wait' a number", 400) from exc
-        model = await agg.wait_for_global(after, wait)
+        # An agent that names itself is not sent the WebSocket announcement of the model
+        # this request gets it; only the agent itself may ask for that.
+        waiter = request.query_params.get("agent_id")
+        if waiter is not None:
+            agg.require_agent(principal, waiter)
+            agg.known_agent(waiter)
+        model = await agg.wait_for_global(after, wait, waiter)
         if model is None:
             return Response(status_code=204, headers={"x-fedloop-status": "not-yet"})
         response = ModelResponse(

@@ -388,6 +388,14 @@ def _document() -> dict[str, Any]:
                         "schema": {"type": "number", "minimum": 0, "maximum": 60, "default": 0},
                         "description": "Seconds to wait for one (at most 60).",
                     },
+                    {
+                        "name": "agent_id",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "The agent waiting (its own id): the WebSocket "
+                        "announcement of the model this request gets is not sent to it.",
+                    },
                 ],
                 "responses": {
                     "200": {
@@ -405,7 +413,15 @@ def _document() -> dict[str, Any]:
                         "description": "no newer global model within `wait` seconds",
                         "headers": {"x-fedloop-status": {"schema": {"const": "not-yet"}}},
                     },
-                    **_errors((400, "bad_request: `after` or `wait` is not a number")),
+                    **_errors(
+                        (400, "bad_request: `after` or `wait` is not a number"),
+                        (
+                            403,
+                            "wrong_token_type (an enrollment token), or wrong_agent: "
+                            "`agent_id` is not the credential's agent",
+                        ),
+                        (404, "unknown_agent: `agent_id` is not registered"),
+                    ),
                 },
             }
         },
