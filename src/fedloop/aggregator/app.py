@@ -210,7 +210,7 @@ def create_app(config: AggregatorConfig, aggregator: Aggregator | None = None) -
         except ValueError as exc:
             raise ProtocolError("'after' must be an integer and 'wait' a number", 400) from exc
         # An agent that names itself is not sent the WebSocket announcement of the model
-        # this request gets it; only the agent itself may ask for that.
+        # this request answers with; only the agent itself may ask for that.
         waiter = request.query_params.get("agent_id")
         if waiter is not None:
             agg.require_agent(principal, waiter)
