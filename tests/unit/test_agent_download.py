@@ -254,6 +254,33 @@ def test_a_push_agent_waits_for_each_global_model_with_a_long_poll(
     assert waits and set(waits) == {"7.0"}, waits
 
 
+def test_a_push_async_agent_waits_with_a_long_poll_that_names_it() -> None:
+    import asyncio
+
+    from fedloop.agent.aio import AsyncAgent, AsyncAgentResult
+
+    aggregator = _Aggregator(rounds=2)
+    polls: list[dict[str, str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models/global/latest":
+            polls.append(dict(request.url.params))
+        return aggregator(request)
+
+    async def rounds() -> AsyncAgentResult:
+        agent = AsyncAgent(_KeepEngine(), "http://aggregator.test", "a", poll_wait=7.0)
+        assert agent.mode == "push"
+        result = AsyncAgentResult(agent_id="id1")
+        transport = httpx.MockTransport(handler)
+        async with httpx.AsyncClient(base_url=agent.url, transport=transport) as http:
+            await agent._rounds(http, result)
+        return result
+
+    result = asyncio.run(rounds())
+    assert (result.global_round, result.finished, result.rounds_trained) == (2, True, 2)
+    assert polls and all(p["wait"] == "7.0" and p["agent_id"] == "id1" for p in polls), polls
+
+
 def test_async_agent_sends_the_whole_model_again_when_it_retries() -> None:
     import asyncio
 

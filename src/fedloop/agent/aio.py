@@ -1,10 +1,11 @@
 """`AsyncAgent`: the agent protocol on asyncio, for running hundreds of agents in one process.
 
 It speaks exactly the protocol of `fedloop.agent.runner.Agent` (register with the initial
-model, learn of global models by push over a WebSocket or by long polling, fetch, train,
-upload), but keeps no state on disk: a killed `AsyncAgent` does not resume. It is meant for
-benchmarks and many-agent tests (`bench/many_agents.py`), where one thread per agent and one
-process per agent cost more than the work.
+model, wait for each global model with a long poll, with a WebSocket open in push mode that
+tells it when a newer model overtakes its round, train, upload), but keeps no state on disk:
+a killed `AsyncAgent` does not resume. It is meant for benchmarks and many-agent tests
+(`bench/many_agents.py`), where one thread per agent and one process per agent cost more than
+the work.
 
 Following docs/decisions/0001-transport.md, every agent has its own `httpx.AsyncClient` (one
 client shared by hundreds of concurrent requests collapses in httpcore's pool), model bytes are
@@ -124,8 +125,7 @@ class AsyncAgent:
         self.asynchronous = False
         self.announced = -1
         self.push_finished = False
-        self._announcement = asyncio.Event()
-        self._push_connected = False
+        self.push_connected = False
         self._stop = asyncio.Event()
 
     # --- HTTP -----------------------------------------------------------------------------
@@ -180,16 +180,16 @@ class AsyncAgent:
             delay = min(delay * 2, self.backoff_max)
 
     async def _fetch_global(
-        self, http: httpx.AsyncClient, after: int, wait: float
+        self, http: httpx.AsyncClient, after: int, wait: float, agent_id: str | None = None
     ) -> tuple[GlobalModelInfo, bytes | bytearray] | None:
         """Return the newest global model above `after`, streamed into one buffer, or None."""
         delay = 0.1
         while True:
+            params: dict[str, Any] = {"after": after, "wait": wait}
+            if agent_id is not None:
+                params["agent_id"] = agent_id
             request = http.build_request(
-                "GET",
-                "/v1/models/global/latest",
-                params={"after": after, "wait": wait},
-                timeout=wait + self.timeout,
+                "GET", "/v1/models/global/latest", params=params, timeout=wait + self.timeout
             )
             try:
                 response = await http.send(request, stream=True)
@@ -234,28 +234,17 @@ class AsyncAgent:
                     additional_headers=self._auth(),
                     compression=None,  # tiny JSON messages: no zlib state per connection
                 ) as ws:
-                    self._push_connected, delay = True, 0.1
+                    self.push_connected, delay = True, 0.1
                     async for raw in ws:
                         push = PushMessage.model_validate(json.loads(raw))
                         self.announced = max(self.announced, push.round)
                         self.push_finished = push.finished
-                        self._announcement.set()
             except (OSError, WebSocketException, ValueError, TimeoutError):
                 pass
-            self._push_connected = False
+            self.push_connected = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay)
             delay = min(delay * 2, self.backoff_max)
-
-    async def _wait_announced(self, beyond: int, timeout: float) -> bool:
-        """Wait until a round above `beyond` is announced by push; False on timeout."""
-        while self.announced <= beyond:
-            self._announcement.clear()
-            try:
-                await asyncio.wait_for(self._announcement.wait(), timeout)
-            except TimeoutError:
-                return False
-        return True
 
     # --- the loop -------------------------------------------------------------------------
     def _initial(self) -> Weights | None:
@@ -328,12 +317,10 @@ class AsyncAgent:
             ):
                 return
             held = max(result.global_round, wait_after)
-            if self.mode == "push" and self._push_connected:
-                if not await self._wait_announced(held, 1.0):
-                    continue
-                fetched = await self._fetch_global(http, held, 0.0)
-            else:
-                fetched = await self._fetch_global(http, held, self.poll_wait)
+            # As `Agent`: push or poll, the wait is a long poll, and a push-mode agent names
+            # itself in it, so that the aggregator does not announce it the model it answers.
+            waiter = result.agent_id if self.mode == "push" else None
+            fetched = await self._fetch_global(http, held, self.poll_wait, waiter)
             if fetched is None:
                 continue
             started = loop.time()
