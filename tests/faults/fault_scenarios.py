@@ -449,8 +449,9 @@ def disk_full(root: Path, size_mb: float = 1.0) -> dict[str, Any]:
     Needs root (the mount); NoSmallDisk otherwise.
     """
     rounds = 3
-    # An agent trains 1 s a round: the test fills the disk in between.
-    sets = {"size_mb": size_mb, "delay": 1.0}
+    # An agent trains 2 s a round: the test fills the disk in between (the first agent starts
+    # training when it registers, before the second one does).
+    sets = {"size_mb": size_mb, "delay": 2.0}
     with small_disk(root / "aggregator", 32) as disk, run_in(root) as run:
         server = run.server(rounds=rounds, min_agents=2)
         agents = [
