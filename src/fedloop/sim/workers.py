@@ -87,16 +87,17 @@ def serve(sock: socket.socket, handle: Handler, ready: Callable[[], None]) -> No
     """A worker's loop: answer requests on `sock` with `handle` until the driver hangs up.
 
     Ctrl-C reaches the whole process group; the driver handles it and hangs up, and a worker
-    ends after its current request (not with a traceback of its own).
+    ends after its current request (not with a traceback of its own), also when the driver hung
+    up before the answer could go.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with sock:
+    with sock, contextlib.suppress(ConnectionError):  # the driver hung up: nobody to answer
         try:
             ready()
-            _send(sock, {"ready": os.getpid()})
         except BaseException as exc:
             _send(sock, worker_error(exc))
             return
+        _send(sock, {"ready": os.getpid()})
         while True:
             raw = _recv_exactly(sock, _LENGTH.size)
             if raw is None:

@@ -138,3 +138,28 @@ def test_stop_ends_every_worker_process() -> None:
 
     processes = asyncio.run(go())
     assert all(not p.is_alive() and p.exitcode == 0 for p in processes)
+
+
+def test_a_worker_whose_driver_hung_up_before_the_answer_ends_quietly() -> None:
+    """Ctrl-C: the driver hangs up while a worker still computes; its answer has nowhere to go,
+    and the worker ends without a traceback (the driver's terminal shows the worker's stderr)."""
+    import threading
+
+    driver, worker = socket.socketpair()
+    driver.settimeout(10)
+
+    def hang_up_mid_request() -> None:
+        with driver:
+            raw = driver.recv(workers._LENGTH.size)  # the worker's "ready"
+            driver.recv(workers._LENGTH.unpack(raw)[0])
+            driver.sendall(workers._frame({"op": "sleep", "seconds": 0.3}))
+            driver.shutdown(socket.SHUT_RDWR)  # before the answer
+
+    handler = signal.getsignal(signal.SIGINT)
+    hanging_up = threading.Thread(target=hang_up_mid_request)
+    hanging_up.start()
+    try:
+        workers.serve(worker, _handle, lambda: None)  # on the main thread, as in a worker
+    finally:
+        signal.signal(signal.SIGINT, handler)  # serve() ignores Ctrl-C for its process
+        hanging_up.join(10)
