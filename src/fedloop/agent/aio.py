@@ -125,7 +125,6 @@ class AsyncAgent:
         self.asynchronous = False
         self.announced = -1
         self.push_finished = False
-        self.push_connected = False
         self._stop = asyncio.Event()
 
     # --- HTTP -----------------------------------------------------------------------------
@@ -234,14 +233,13 @@ class AsyncAgent:
                     additional_headers=self._auth(),
                     compression=None,  # tiny JSON messages: no zlib state per connection
                 ) as ws:
-                    self.push_connected, delay = True, 0.1
+                    delay = 0.1
                     async for raw in ws:
                         push = PushMessage.model_validate(json.loads(raw))
                         self.announced = max(self.announced, push.round)
                         self.push_finished = push.finished
             except (OSError, WebSocketException, ValueError, TimeoutError):
                 pass
-            self.push_connected = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay)
             delay = min(delay * 2, self.backoff_max)

@@ -462,7 +462,6 @@ class PushListener:
         self.backoff_max = backoff_max
         self.announced = -1
         self.finished = False
-        self.connected = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fedloop-push", daemon=True)
 
@@ -489,7 +488,7 @@ class PushListener:
                     additional_headers=auth_header(self.token),
                     compression=None,  # tiny JSON messages: no zlib state per connection
                 ) as ws:
-                    self.connected, delay = True, 0.1
+                    delay = 0.1
                     while not self._stop.is_set():
                         try:
                             raw = ws.recv(timeout=0.5)
@@ -500,6 +499,5 @@ class PushListener:
                         self.finished = push.finished
             except (OSError, WebSocketException, ValueError):
                 pass
-            self.connected = False
             self._stop.wait(delay)
             delay = min(delay * 2, self.backoff_max)
