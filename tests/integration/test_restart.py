@@ -75,6 +75,10 @@ def test_run_with_agent_processes_survives_an_aggregator_kill(
     assert_globals_are_weighted_means(server.data_dir, 4)
 
 
+def _has_a_line(path: Path) -> bool:
+    return path.exists() and path.read_text().endswith("\n")
+
+
 def test_agent_killed_mid_training_resumes(
     make_server: Any, agents: list[subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
@@ -92,10 +96,12 @@ def test_agent_killed_mid_training_resumes(
         "delay=30",
         extra_env={"FEDLOOP_TEST_TRAINING_MARKER": str(marker)},
     )
+    # The engine opens the marker (creating it) before it writes its line: wait for the line,
+    # not for the file, or the kill can land between the two and leave the file empty.
     deadline = time.monotonic() + 60
-    while not marker.exists() and time.monotonic() < deadline:
+    while not _has_a_line(marker) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert marker.exists(), "the slow agent never started training"
+    assert _has_a_line(marker), "the slow agent never started training"
     slow.kill()
     slow.wait(timeout=10)
     state = json.loads((server.root / "slow" / "state.json").read_text())
