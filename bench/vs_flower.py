@@ -5,6 +5,7 @@
     python bench/vs_flower.py --cases 'deploy:100:*,sim:*:100' --rounds 5
     python bench/vs_flower.py --flower-venv /tmp/fedloop-bench-flower   # (the default)
     python bench/vs_flower.py --cases 'deploy:*:4' --distinct            # local models differ
+    python bench/vs_flower.py --cases 'deploy:2:4' --rounds 30 --repeat 6  # 6 runs, ABBA
 
 Cases are MODE:AGENTS:MODEL_MB with MODE ∈ {sim, deploy}, AGENTS ∈ {2, 10, 100}, MODEL_MB ∈
 {4, 100}; `*` matches anything. Every case runs both systems, one after the other, each in fresh
@@ -13,7 +14,11 @@ round 1 includes start-up and registration), the server's peak RSS (VmHWM from
 /proc/PID/status), `ratio` = flower_seconds / fedloop_seconds and `memory_ratio` =
 flower_mb / fedloop_mb. A case that cannot run here is printed with `skipped` and the reason;
 a run that fails is printed with `error` (also as soon as an agent or client process dies, rather
-than when the case times out); no figure is ever estimated.
+than when the case times out); no figure is ever estimated. With `--repeat K` each case runs K
+times, the system that goes first alternating (fedloop first in odd runs, Flower in even ones),
+so that a machine whose speed drifts through the runs favours neither: each run is printed as
+it ends (`vs_flower_run`), then the case's line with each system's median seconds per round,
+the ratio of those medians, every run's own ratio (`run_ratios`) and their median.
 
 The workload: a model of MODEL_MB MB of float32 in four tensors (fedloop.ml.noop.NoopEngine),
 FedAvg over all agents every round, "training" that returns the received weights unchanged,
@@ -510,6 +515,85 @@ def rounds_for(agents: int, model_mb: float, requested: int | None) -> int:
     return 10 if agents * model_mb <= 100 else 5
 
 
+def run_case(
+    order: list[str],
+    mode: str,
+    agents: int,
+    model_mb: float,
+    rounds: int,
+    args: argparse.Namespace,
+    flower_python: str | None,
+) -> dict[str, Any]:
+    """Run one case on the systems of `order`, in that order; return both sides and the ratios."""
+    fedloop: dict[str, Any] = {"skipped": "--only flower"}
+    flower: dict[str, Any] = {"skipped": "--only fedloop"}
+    for system in order:
+        waited = settle()
+        if system == "fedloop" and mode == "sim":
+            fedloop = run_fedloop_sim(agents, model_mb, rounds, args.case_timeout, args.distinct)
+            fedloop["driver"] = fedloop_sim_driver()
+            fedloop["settled_s"] = waited
+        elif system == "fedloop":
+            fedloop = run_fedloop_deploy(agents, model_mb, rounds, args.case_timeout, args.distinct)
+            fedloop["driver"] = f"{agents} agent processes + aggregator process"
+            fedloop["settled_s"] = waited
+        else:
+            assert flower_python is not None
+            flower = run_flower(
+                flower_python, mode, agents, model_mb, rounds, args.case_timeout, args.distinct
+            )
+            flower["driver"] = (
+                "legacy start_simulation (Ray)" if mode == "sim"
+                else f"legacy start_server + {agents} start_client processes (grpc-bidi)"
+            )  # fmt: skip
+            flower["settled_s"] = waited
+    return {"fedloop": fedloop, "flower": flower, **ratios(fedloop, flower)}
+
+
+def ratios(fedloop: dict[str, Any], flower: dict[str, Any]) -> dict[str, Any]:
+    """`ratio` (Flower's seconds / fedloop's), `memory_ratio` and whether the targets are met."""
+    f_s, w_s = fedloop.get("seconds_per_round"), flower.get("seconds_per_round")
+    f_m, w_m = fedloop.get("server_peak_rss_mb"), flower.get("server_peak_rss_mb")
+    ratio = round(w_s / f_s, 2) if f_s and w_s else None
+    memory_ratio = round(w_m / f_m, 2) if f_m and w_m else None
+    return {
+        "ratio": ratio,
+        "memory_ratio": memory_ratio,
+        "meets_speed_target": None if ratio is None else ratio >= 5,
+        "meets_memory_target": None if memory_ratio is None else f_m <= w_m,
+    }
+
+
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One case's line from its runs: the run itself when there is one; else each system's
+    median seconds per round and its highest peak memory over the runs, their ratios, and
+    every run's ratio (`run_ratios`) with their median (`median_run_ratio`)."""
+    if len(runs) == 1:
+        return runs[0]
+    out: dict[str, Any] = {"repeat": len(runs)}
+    for system in SYSTEMS:
+        sides = [run[system] for run in runs]
+        failed = [side for side in sides if "seconds_per_round" not in side]
+        if failed:  # a side that was skipped or failed in any run is reported as it was
+            out[system] = failed[0]
+            continue
+        out[system] = {
+            "seconds_per_round": round(
+                statistics.median(side["seconds_per_round"] for side in sides), 4
+            ),
+            "seconds_per_round_runs": [side["seconds_per_round"] for side in sides],
+            "server_peak_rss_mb": max(side["server_peak_rss_mb"] for side in sides),
+            "driver": sides[0].get("driver"),
+        }
+    out.update(ratios(out["fedloop"], out["flower"]))
+    run_ratios = [run["ratio"] for run in runs]
+    out["run_ratios"] = run_ratios
+    known = [r for r in run_ratios if r is not None]
+    complete = len(known) == len(runs)
+    out["median_run_ratio"] = round(statistics.median(known), 2) if complete else None
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
@@ -547,6 +631,13 @@ def main() -> None:
         action="store_true",
         help="every local model differs (no-training still), so fedloop stores each one",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of each case, alternating which system goes first (ABBA); the line gives "
+        "the medians and every run's ratio",
+    )
     parser.add_argument("--_sim-child", dest="sim_child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()  # fmt: skip
 
@@ -579,41 +670,17 @@ def main() -> None:
         elif time.monotonic() - began > args.time_budget:
             line["skipped"] = f"time budget of {args.time_budget:.0f} s used up"
         else:
-            fedloop: dict[str, Any] = {"skipped": "--only flower"}
-            flower: dict[str, Any] = {"skipped": "--only fedloop"}
-            if "fedloop" in systems and mode == "sim":
-                waited = settle()
-                fedloop = run_fedloop_sim(
-                    agents, model_mb, rounds, args.case_timeout, args.distinct
-                )
-                fedloop["driver"] = fedloop_sim_driver()
-                fedloop["settled_s"] = waited
-            elif "fedloop" in systems:
-                waited = settle()
-                fedloop = run_fedloop_deploy(
-                    agents, model_mb, rounds, args.case_timeout, args.distinct
-                )
-                fedloop["driver"] = f"{agents} agent processes + aggregator process"
-                fedloop["settled_s"] = waited
-            if "flower" in systems:
-                assert flower_python is not None
-                waited = settle()
-                flower = run_flower(
-                    flower_python, mode, agents, model_mb, rounds, args.case_timeout,
-                    args.distinct,
-                )  # fmt: skip
-                flower["driver"] = (
-                    "legacy start_simulation (Ray)" if mode == "sim"
-                    else f"legacy start_server + {agents} start_client processes (grpc-bidi)"
-                )  # fmt: skip
-                flower["settled_s"] = waited
-            line["fedloop"], line["flower"] = fedloop, flower
-            f_s, w_s = fedloop.get("seconds_per_round"), flower.get("seconds_per_round")
-            f_m, w_m = fedloop.get("server_peak_rss_mb"), flower.get("server_peak_rss_mb")
-            line["ratio"] = round(w_s / f_s, 2) if f_s and w_s else None
-            line["memory_ratio"] = round(w_m / f_m, 2) if f_m and w_m else None
-            line["meets_speed_target"] = None if line["ratio"] is None else line["ratio"] >= 5
-            line["meets_memory_target"] = None if line["memory_ratio"] is None else f_m <= w_m
+            runs = []
+            for i in range(args.repeat):
+                # ABBA: a pair's second system runs first in the next pair, so that a machine
+                # slowing down (or speeding up) through the session favours neither system.
+                order = systems if i % 2 == 0 else systems[::-1]
+                run = run_case(order, mode, agents, model_mb, rounds, args, flower_python)
+                runs.append(run)
+                if args.repeat > 1:  # each run as it ends; the case's line follows them
+                    each = {"bench": "vs_flower_run", "case": line["case"], "run": i + 1}
+                    print(json.dumps({**each, "first": order[0], **run}), flush=True)
+            line.update(combine(runs))
         line["flower_versions"] = versions
         line["cpu_count"] = os.cpu_count()
         print(json.dumps(line), flush=True)
