@@ -3,8 +3,10 @@ from Content-Length, uploads and registrations streamed from views of the tensor
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -304,3 +306,92 @@ def test_async_agent_sends_the_whole_model_again_when_it_retries() -> None:
 
     asyncio.run(send())
     assert bodies == [codec.encode(WEIGHTS)] * 2
+
+
+def _answers_not_yet_first(
+    aggregator: _Aggregator, times: int, asked: list[float]
+) -> Callable[[httpx.Request], httpx.Response]:
+    """`aggregator`, except that its first `times` requests for the next global model get
+    "not yet" (204) at once, as a `poll_wait` of 0 or a proxy that answers early would;
+    `asked` gets the time each of those requests came."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models/global/latest" and len(asked) < times:
+            asked.append(time.monotonic())
+            return httpx.Response(204)
+        return aggregator(request)
+
+    return handler
+
+
+def _gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in itertools.pairwise(times)]
+
+
+def test_an_agent_that_gets_not_yet_asks_again_after_the_poll_gap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With poll_wait 0 each request comes back at once: without the gap the agent asked as
+    fast as the aggregator answered."""
+    from fedloop.agent import runner
+
+    monkeypatch.setattr(runner, "POLL_GAP", 0.1)
+    asked: list[float] = []
+    handler = _answers_not_yet_first(_Aggregator(rounds=1), 4, asked)
+    agent = runner.Agent(
+        _KeepEngine(), "http://aggregator.test", "a", tmp_path, mode="poll", poll_wait=0.0
+    )
+    agent.client.http = httpx.Client(
+        base_url=agent.client.url, transport=httpx.MockTransport(handler)
+    )
+    agent.client.bulk = None
+    agent.initial_weights = WEIGHTS
+    state = agent.run()
+    assert (state.global_round, state.finished) == (1, True)
+    assert len(asked) == 4 and min(_gaps(asked)) >= 0.095, _gaps(asked)
+
+
+def test_an_async_agent_that_gets_not_yet_asks_again_after_the_poll_gap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    from fedloop.agent import aio
+
+    monkeypatch.setattr(aio, "POLL_GAP", 0.1)
+    asked: list[float] = []
+    handler = _answers_not_yet_first(_Aggregator(rounds=1), 4, asked)
+
+    async def rounds() -> aio.AsyncAgentResult:
+        agent = aio.AsyncAgent(_KeepEngine(), "http://aggregator.test", "a", poll_wait=0.0)
+        result = aio.AsyncAgentResult(agent_id="id1")
+        transport = httpx.MockTransport(handler)
+        async with httpx.AsyncClient(base_url=agent.url, transport=transport) as http:
+            await agent._rounds(http, result)
+        return result
+
+    result = asyncio.run(rounds())
+    assert (result.global_round, result.finished) == (1, True)
+    assert len(asked) == 4 and min(_gaps(asked)) >= 0.095, _gaps(asked)
+
+
+def test_the_imperative_client_times_out_on_the_clock_and_asks_at_the_poll_gap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its timeout is measured, not added up from the waits it asked for: an aggregator that
+    answers "not yet" at once is asked every POLL_GAP until the timeout has really passed."""
+    from fedloop.agent import imperative
+
+    monkeypatch.setattr(imperative, "POLL_GAP", 0.1)
+    asked: list[float] = []
+    handler = _answers_not_yet_first(_Aggregator(rounds=1), 1000, asked)
+    client = imperative.Client("http://aggregator.test", "a", poll_wait=5.0)
+    client.client.http = httpx.Client(
+        base_url=client.client.url, transport=httpx.MockTransport(handler)
+    )
+    client.client.bulk = None
+    started = time.monotonic()
+    assert client.wait_for_global_model(timeout=0.45) is None
+    elapsed = time.monotonic() - started
+    assert 0.45 <= elapsed < 2.0, elapsed
+    assert 4 <= len(asked) <= 6 and min(_gaps(asked)) >= 0.095, _gaps(asked)

@@ -30,6 +30,7 @@ import numpy as np
 
 from fedloop.agent.client import (
     NO_SECAGG,
+    POLL_GAP,
     BodyBuffer,
     ModelBody,
     body_size,
@@ -318,8 +319,12 @@ class AsyncAgent:
             # As `Agent`: push or poll, the wait is a long poll, and a push-mode agent names
             # itself in it, so that the aggregator does not announce it the model it answers.
             waiter = result.agent_id if self.mode == "push" else None
+            asked = loop.time()
             fetched = await self._fetch_global(http, held, self.poll_wait, waiter)
-            if fetched is None:
+            if fetched is None:  # not yet: ask again, but not at once (`POLL_GAP`)
+                with contextlib.suppress(TimeoutError):
+                    gap = max(0.0, asked + POLL_GAP - loop.time())
+                    await asyncio.wait_for(self._stop.wait(), gap)
                 continue
             started = loop.time()
             info, data = fetched

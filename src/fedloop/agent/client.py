@@ -394,6 +394,12 @@ class AggregatorClient:
 # park its agents for a day.
 RETRY_AFTER_MAX = 300.0
 
+# Seconds from the start of one request for the next global model to the start of the next,
+# at least, when the first came back without one. A long poll waits on the aggregator and
+# never comes back that soon; a short `poll_wait` (0 asks and returns at once), or a proxy
+# that answers early, would otherwise have an agent ask as fast as the network answers.
+POLL_GAP = 0.5
+
 
 def retry_after(headers: Mapping[str, str] | None) -> float | None:
     """Return the seconds of a response's `Retry-After` (capped at RETRY_AFTER_MAX), or None

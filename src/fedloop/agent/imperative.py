@@ -9,11 +9,12 @@ while True:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 import numpy as np
 
-from fedloop.agent.client import NO_SECAGG, AggregatorClient, Refused, retry
+from fedloop.agent.client import NO_SECAGG, POLL_GAP, AggregatorClient, Refused, retry
 from fedloop.errors import FedloopError
 from fedloop.protocol import codec
 from fedloop.types import Weights
@@ -56,16 +57,26 @@ class Client:
 
         Returns None when `timeout` seconds pass first.
         """
-        waited = 0.0
-        while timeout is None or waited < timeout:
-            wait = self.poll_wait if timeout is None else min(self.poll_wait, timeout - waited)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            asked = time.monotonic()
+            left = None if deadline is None else deadline - asked
+            if left is not None and left <= 0:
+                return None
+            wait = self.poll_wait if left is None else min(self.poll_wait, left)
             result = retry(lambda w=wait: self.client.latest_global(self.global_round, w))  # type: ignore[misc]
-            waited += wait
             if result is not None:
                 info, data = result
                 self.global_round, self.finished = info.round, info.finished
                 return codec.decode(data)
-        return None
+            # Not yet. Time is measured, not assumed: an aggregator caps a long poll (60 s),
+            # and one that answers early must not be asked again at once (`POLL_GAP`).
+            now = time.monotonic()
+            gap = asked + POLL_GAP - now
+            if deadline is not None:
+                gap = min(gap, deadline - now)
+            if gap > 0:
+                time.sleep(gap)
 
     def send_trained_model(
         self,

@@ -7,13 +7,21 @@ import logging
 import ssl
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
-from fedloop.agent.client import AggregatorClient, ModelBody, PushListener, Refused, retry
+from fedloop.agent.client import (
+    POLL_GAP,
+    AggregatorClient,
+    ModelBody,
+    PushListener,
+    Refused,
+    retry,
+)
 from fedloop.agent.keeper import LocalKeeper
 from fedloop.agent.state import AgentState, Phase, StateDir
 from fedloop.errors import FedloopError
@@ -64,8 +72,10 @@ class Agent:
         sooner needs no copy on disk; an agent killed before it is written trains again.
 
         ``poll_wait``: seconds one request for the next global model may wait for it (a long
-        poll, in both modes; the aggregator caps it at 60). `stop()` takes effect once the
-        request in flight returns."""
+        poll, in both modes; the aggregator caps it at 60). One that comes back without a
+        model is followed by the next no sooner than `POLL_GAP` (0.5 s) after it started, so
+        that a `poll_wait` of 0 polls twice a second, not as fast as the network answers.
+        `stop()` takes effect once the request in flight returns."""
         if not hasattr(engine, "train"):
             raise FedloopError("the ML engine must have a train(weights, config) method")
         self.engine = engine
@@ -217,8 +227,10 @@ class Agent:
         # agent that a newer global model overtook its round (`_send`); while this request
         # waits, the aggregator does not announce the model it answers with.
         waiter = self.state.agent_id if self.push is not None else None
+        asked = time.monotonic()
         result = self._call(lambda: self.client.latest_global(held, self.poll_wait, waiter))
-        if result is None:
+        if result is None:  # not yet: ask again, but not at once (`POLL_GAP`)
+            self.stop_event.wait(max(0.0, asked + POLL_GAP - time.monotonic()))
             return
         info, data = result
         if info.finished:
