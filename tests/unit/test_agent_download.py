@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -176,6 +177,17 @@ class _Aggregator:
         return httpx.Response(404, json={"error": "not_found", "detail": path})
 
 
+def _run_on_mock(agent: Any, handler: Callable[[httpx.Request], httpx.Response]) -> AgentState:
+    """Run an `Agent` (its initial weights WEIGHTS) against `handler` as its aggregator."""
+    agent.client.http = httpx.Client(
+        base_url=agent.client.url, transport=httpx.MockTransport(handler)
+    )
+    agent.client.bulk = None
+    agent.initial_weights = WEIGHTS
+    state: AgentState = agent.run()
+    return state
+
+
 class _KeepEngine:
     """Returns the weights it gets (views of the agent's download buffer), like NoopEngine."""
 
@@ -199,12 +211,7 @@ def test_agent_rounds_through_buffers_and_fsyncs_only_its_registration(
     monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
     aggregator, engine = _Aggregator(rounds=3), _KeepEngine()
     agent = Agent(engine, "http://aggregator.test", "a", tmp_path, mode="poll", poll_wait=0.0)
-    agent.client.http = httpx.Client(
-        base_url=agent.client.url, transport=httpx.MockTransport(aggregator)
-    )
-    agent.client.bulk = None
-    agent.initial_weights = WEIGHTS
-    state = agent.run()
+    state = _run_on_mock(agent, aggregator)
 
     assert (state.global_round, state.rounds_trained, state.finished) == (3, 3, True)
     assert [r for r, _ in aggregator.uploads] == [1, 2, 3]
@@ -246,12 +253,7 @@ def test_a_push_agent_waits_for_each_global_model_with_a_long_poll(
 
     agent = runner.Agent(_KeepEngine(), "http://aggregator.test", "a", tmp_path, poll_wait=7.0)
     assert agent.mode == "push"
-    agent.client.http = httpx.Client(
-        base_url=agent.client.url, transport=httpx.MockTransport(handler)
-    )
-    agent.client.bulk = None
-    agent.initial_weights = WEIGHTS
-    state = agent.run()
+    state = _run_on_mock(agent, handler)
     assert (state.global_round, state.finished) == (2, True)
     assert waits and set(waits) == {"7.0"}, waits
 
@@ -341,12 +343,7 @@ def test_an_agent_that_gets_not_yet_asks_again_after_the_poll_gap(
     agent = runner.Agent(
         _KeepEngine(), "http://aggregator.test", "a", tmp_path, mode="poll", poll_wait=0.0
     )
-    agent.client.http = httpx.Client(
-        base_url=agent.client.url, transport=httpx.MockTransport(handler)
-    )
-    agent.client.bulk = None
-    agent.initial_weights = WEIGHTS
-    state = agent.run()
+    state = _run_on_mock(agent, handler)
     assert (state.global_round, state.finished) == (1, True)
     assert len(asked) == 4 and min(_gaps(asked)) >= 0.095, _gaps(asked)
 
