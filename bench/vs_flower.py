@@ -6,6 +6,7 @@
     python bench/vs_flower.py --flower-venv /tmp/fedloop-bench-flower   # (the default)
     python bench/vs_flower.py --cases 'deploy:*:4' --distinct            # local models differ
     python bench/vs_flower.py --cases 'deploy:2:4' --rounds 30 --repeat 6  # 6 runs, ABBA
+    python bench/vs_flower.py --cases 'deploy:*:4' --flower-runtime deployment  # SuperLink
 
 Cases are MODE:AGENTS:MODEL_MB with MODE ∈ {sim, deploy}, AGENTS ∈ {2, 10, 100}, MODEL_MB ∈
 {4, 100}; `*` matches anything. Every case runs both systems, one after the other, each in fresh
@@ -45,6 +46,12 @@ Flower (flwr, installed into its own venv on first use; helpers in bench/flower_
           that finds nothing listening exits at once, whatever its max_retries.
   sim     legacy `flwr.simulation.start_simulation` (Ray, one actor per core, num_cpus=1 per
           client). Server memory = the driver process's VmHWM; Ray's own processes not counted.
+  deploy with `--flower-runtime deployment`: the Deployment Runtime that Flower's docs deploy
+          with since 1.13: `flower-superlink`, N `flower-supernode` processes and `flwr run`
+          of the Flower App in bench/flower_side/runtime_app (ServerApp and ClientApps in
+          subprocesses, the default isolation). Server memory = the SuperLink's VmHWM plus the
+          ServerApp's. The legacy path stays the default: it is Flower's fastest, and the
+          target is measured against it.
   Both use FedAvg(fraction_fit=1, fraction_evaluate=0, min_fit_clients=N,
   min_available_clients=N, initial_parameters=the same arrays); round end = end of
   aggregate_fit.
@@ -54,12 +61,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import fnmatch
 import importlib.util
 import itertools
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -71,6 +80,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 FLOWER_HELPER = HERE / "flower_side" / "flower_bench.py"
+FLOWER_RUNTIME_APP = HERE / "flower_side" / "runtime_app"
 DEFAULT_FLOWER_VENV = Path(tempfile.gettempdir()) / "fedloop-bench-flower"
 FLOWER_REQUIREMENT = "flwr[simulation]"
 
@@ -309,6 +319,118 @@ def run_flower(python: str, mode: str, agents: int, model_mb: float, rounds: int
         stop(processes)
 
 
+def _vm_hwm_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _stop_groups(processes: list[subprocess.Popen[bytes]]) -> None:
+    """Stop processes started with `start_new_session`, with everything they started."""
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    for process in processes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def run_flower_runtime(
+    python: str, agents: int, model_mb: float, rounds: int, timeout: float
+) -> dict[str, Any]:
+    """Flower's Deployment Runtime, as its docs deploy it: a SuperLink, N SuperNodes and
+    `flwr run` of the Flower App in flower_side/runtime_app. Server memory: the SuperLink's
+    VmHWM plus the ServerApp process's (both are the server side)."""
+    bindir = Path(python).parent
+    root = Path(tempfile.mkdtemp(prefix="fedloop-vs-flower-runtime-"))
+    out = root / "result.json"
+    port = free_port()
+    run_env = {**env(), "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str, command: list[str], home: Path) -> subprocess.Popen[bytes]:
+        home.mkdir(parents=True, exist_ok=True)
+        with open(root / f"{name}.log", "wb") as log:
+            process = subprocess.Popen(
+                command, stdout=log, stderr=log, cwd=root, start_new_session=True,
+                env={**run_env, "FLWR_HOME": str(home)},
+            )  # fmt: skip
+        processes.append(process)
+        return process
+
+    try:
+        superlink = start(
+            "superlink",
+            [str(bindir / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
+             "--port", str(port)],
+            root / "superlink",
+        )  # fmt: skip
+        not_up = wait_for_port(port, superlink, timeout=min(timeout, 120.0))
+        if not_up is not None:
+            return {"error": f"SuperLink {not_up}: {log_tail(root / 'superlink.log')}"}
+        for i in range(agents):
+            start(
+                f"supernode{i}",
+                [str(bindir / "flower-supernode"), "--insecure", "--superlink",
+                 f"127.0.0.1:{port}", "--port", str(free_port())],
+                root / f"supernode{i}",
+            )  # fmt: skip
+        cli_home = root / "cli"
+        cli_home.mkdir()
+        (cli_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\n'
+            f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+        )
+        run_config = (
+            f"num-server-rounds={rounds} model-mb={model_mb} agents={agents} "
+            f"out={json.dumps(str(out))}"
+        )
+        submitted = subprocess.run(
+            [str(bindir / "flwr"), "run", str(FLOWER_RUNTIME_APP), "bench",
+             "--run-config", run_config],
+            env={**run_env, "FLWR_HOME": str(cli_home)}, capture_output=True, cwd=root,
+            timeout=120,
+        )  # fmt: skip
+        if submitted.returncode != 0:
+            return {"error": f"flwr run exited {submitted.returncode}: {submitted.stdout[-500:]!r}"}
+        deadline = time.monotonic() + timeout
+        while not out.exists():
+            for process in processes:
+                if process.poll() is not None:
+                    return {"error": f"a Flower process exited {process.returncode}; logs {root}"}
+            if time.monotonic() > deadline:
+                late = f"Flower did not finish {rounds} rounds in {timeout:.0f} s; logs {root}"
+                return {"error": late}
+            time.sleep(0.2)
+        time.sleep(0.2)  # the ServerApp writes the file whole; let it close it
+        result = json.loads(out.read_text())
+        superlink_mb = _vm_hwm_mb(superlink.pid)
+        stamps = result["round_ends"]
+        if len(stamps) < rounds:
+            return {"error": f"Flower finished only {len(stamps)} of {rounds} rounds"}
+        shutil.rmtree(root, ignore_errors=True)
+        serverapp_mb = result["serverapp_peak_rss_mb"]
+        return {
+            **summary(per_round(stamps)),
+            "server_peak_rss_mb": round(serverapp_mb + (superlink_mb or 0.0), 1),
+            "superlink_peak_rss_mb": None if superlink_mb is None else round(superlink_mb, 1),
+            "serverapp_peak_rss_mb": round(serverapp_mb, 1),
+            "first_round_s": round(stamps[0] - result["start"], 2),
+        }
+    except subprocess.TimeoutExpired:
+        return {"error": f"flwr run did not return in 120 s; logs {root}"}
+    finally:
+        _stop_groups(processes)
+
+
 # --- fedloop ------------------------------------------------------------------------------
 def run_fedloop_deploy(
     agents: int, model_mb: float, rounds: int, timeout: float, distinct: bool = False
@@ -539,13 +661,24 @@ def run_case(
             fedloop["settled_s"] = waited
         else:
             assert flower_python is not None
-            flower = run_flower(
-                flower_python, mode, agents, model_mb, rounds, args.case_timeout, args.distinct
-            )
-            flower["driver"] = (
-                "legacy start_simulation (Ray)" if mode == "sim"
-                else f"legacy start_server + {agents} start_client processes (grpc-bidi)"
-            )  # fmt: skip
+            if args.flower_runtime == "legacy":
+                flower = run_flower(
+                    flower_python, mode, agents, model_mb, rounds, args.case_timeout, args.distinct
+                )
+                flower["driver"] = (
+                    "legacy start_simulation (Ray)" if mode == "sim"
+                    else f"legacy start_server + {agents} start_client processes (grpc-bidi)"
+                )  # fmt: skip
+            elif mode == "sim" or args.distinct:
+                flower = {"skipped": "--flower-runtime deployment: deploy cases, alike models only"}
+            else:
+                flower = run_flower_runtime(
+                    flower_python, agents, model_mb, rounds, args.case_timeout
+                )
+                flower["driver"] = (
+                    f"Deployment Runtime: SuperLink + {agents} SuperNodes, flwr run (subprocess "
+                    "isolation)"
+                )
             flower["settled_s"] = waited
     return {"fedloop": fedloop, "flower": flower, **ratios(fedloop, flower)}
 
@@ -637,6 +770,14 @@ def main() -> None:
         default=1,
         help="runs of each case, alternating which system goes first (ABBA); the line gives "
         "the medians and every run's ratio",
+    )
+    parser.add_argument(
+        "--flower-runtime",
+        choices=("legacy", "deployment"),
+        default="legacy",
+        help="Flower's side of deploy cases: the legacy start_server/start_client over gRPC "
+        "(its fastest path, the default) or the Deployment Runtime its docs now deploy with "
+        "(SuperLink, SuperNodes, flwr run)",
     )
     parser.add_argument("--_sim-child", dest="sim_child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()  # fmt: skip
