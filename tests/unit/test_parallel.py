@@ -249,3 +249,34 @@ def test_a_fold_leaves_numpys_cast_buffer_as_it_was() -> None:
     assert np.getbufsize() == before and seen == [before, before]
     pool_sizes = parallel.split(BIG, lambda a, b: np.getbufsize())
     assert set(pool_sizes) == {before}
+
+
+@pytest.mark.parametrize("max_held", [1, 3])
+@pytest.mark.parametrize("batches", [[1, 1, 1, 1, 1], [2, 1, 2], [1, 3, 1], [4, 1]])
+def test_folds_says_whether_add_many_folds(max_held: int, batches: list[int]) -> None:
+    updates = float32_updates({"w": 8}, [1] * sum(batches), seed=3)
+    running = RunningMean(max_held=max_held)
+    for _ in range(2):  # after reset() it starts again from a first upload
+        at = 0
+        for b, size in enumerate(batches):
+            batch = updates[at : at + size]
+            at += size
+            last = b == len(batches) - 1
+            assert running.folds(batch, last=True) is False
+            predicted = running.folds(batch, last=last)
+            kept = len(running._held)
+            running.add_many(batch, last=last)
+            assert predicted is (len(running._held) < kept + len(batch))  # a fold empties it
+        running.reset()
+
+
+def test_over_http_the_first_and_the_closing_upload_fold_nothing() -> None:
+    first, second, third, closing = float32_updates({"w": 8}, [1, 1, 1, 1], seed=4)
+    running = RunningMean()  # the aggregator's: max_held 1
+    assert running.folds([first]) is False  # kept until a second comes
+    running.add(first)
+    assert running.folds([second]) is True  # the two are summed
+    running.add(second)
+    assert running.folds([third]) is True
+    running.add(third)
+    assert running.folds([closing], last=True) is False  # folded by the division

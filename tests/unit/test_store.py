@@ -133,6 +133,56 @@ def test_duplicate_upload_is_refused_and_changes_nothing(url: str) -> None:
     store.close()
 
 
+def _local(agent_id: str, round_number: int) -> LocalModelRow:
+    return LocalModelRow(
+        agent_id=agent_id,
+        round=round_number,
+        base_round=round_number - 1,
+        model_id="x" * 64,
+        num_samples=5,
+        metrics={},
+        nbytes=1,
+        created_at=1.0,
+    )
+
+
+def test_only_sqlite_writes_inline(url: str) -> None:
+    store = Store(url)
+    store.add_agent("a", "site-a")
+    if not url.startswith("sqlite"):
+        assert store.writes_inline is False  # a commit there waits for the server's fsync
+        with pytest.raises(ValueError, match="only SQLite"):
+            store.add_local_models([_local("a", 1)], inline=True)
+        store.close()
+        return
+    assert store.writes_inline is True
+    store.add_local_models([_local("a", 1)], inline=True)
+    with pytest.raises(DuplicateUpload):
+        store.add_local_models([_local("a", 2), _local("a", 1)], inline=True)
+    store.add_local_models([_local("a", 2)], inline=True)  # rolled back clean: this commits
+    assert [m.round for m in store.local_models()] == [1, 2]  # seen by the pool's connections
+    store.close()
+    again = Store(url)
+    assert [m.round for m in again.local_models()] == [1, 2]
+    again.close()
+
+
+def test_inline_writes_leave_the_wals_checkpoints_to_other_connections(tmp_path: Path) -> None:
+    store = Store(database_url(tmp_path, None))
+    store.add_agent("a", "site-a")
+    database = tmp_path / "fedloop.db"
+    wal = tmp_path / "fedloop.db-wal"
+    size = database.stat().st_size
+    for round_number in range(1, 1201):  # several pages a commit: past SQLite's 1,000
+        store.add_local_models([_local("a", round_number)], inline=True)
+    assert wal.stat().st_size > 1000 * 4096
+    assert database.stat().st_size == size  # nothing checkpointed into the database yet
+    store.add_local_models([_local("a", 1201)])  # a pooled connection's commit checkpoints
+    assert database.stat().st_size > size
+    assert store.count_local_models() == 1201
+    store.close()
+
+
 def test_commit_global_is_one_transaction(url: str) -> None:
     store = Store(url)
     store.start_round(1)

@@ -4,7 +4,9 @@ batch is accepted or refused on its own, and only accepted ones are stored and a
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -95,9 +97,9 @@ def test_uploads_waiting_for_the_lock_are_filed_together_and_each_answered(
             ids = await register(agg, 6)
             transactions: list[int] = []
             add_rows = agg.store.add_local_models
-            agg.store.add_local_models = lambda rows: (  # type: ignore[method-assign]
+            agg.store.add_local_models = lambda rows, inline=False: (  # type: ignore[method-assign]
                 transactions.append(len(rows)),
-                add_rows(rows),
+                add_rows(rows, inline),
             )[1]
             checked: list[object] = []
             check = agg._check_and_store
@@ -149,7 +151,7 @@ def test_a_failed_filing_answers_every_upload_waiting_for_it(tmp_path: Path) -> 
         try:
             ids = await register(agg, 3)
 
-            def broken(rows: object) -> None:
+            def broken(rows: object, inline: bool = False) -> None:
                 raise OSError("disk full")
 
             agg.store.add_local_models = broken  # type: ignore[method-assign]
@@ -298,3 +300,44 @@ def test_an_agent_whose_long_poll_gets_the_model_is_not_announced_it(tmp_path: P
             await agg.stop()
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    ("agents", "expected"),
+    [
+        (2, [True, True]),  # the first upload is kept, the second closes the round
+        (4, [True, False, False, True]),  # the second and third are folded: a worker thread
+    ],
+)
+def test_uploads_that_fold_nothing_are_filed_on_the_event_loops_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, agents: int, expected: list[bool]
+) -> None:
+    filed: list[bool] = []
+    real = Aggregator._file_and_hold
+
+    def spy(self: Aggregator, rows: Any, updates: Any, inline: bool = False) -> Any:
+        on_loop = threading.current_thread() is threading.main_thread()
+        assert on_loop is inline
+        filed.append(on_loop)
+        return real(self, rows, updates, inline)
+
+    monkeypatch.setattr(Aggregator, "_file_and_hold", spy)
+
+    async def go() -> None:
+        agg = Aggregator(AggregatorConfig(data_dir=tmp_path, min_agents=agents, rounds=2))
+        await agg.start()
+        try:
+            ids = await register(agg, agents)
+            for i, agent_id in enumerate(ids):
+                (outcome,) = await agg.upload_many([(request(agent_id), weights(float(i)))])
+                assert isinstance(outcome, UploadResponse)
+            model = await agg.wait_for_global(0, 5)
+            assert model is not None and model.round == 1
+            mean = sum(range(agents)) / agents
+            np.testing.assert_allclose(model.weights["w"], np.full(3, mean, np.float32))
+            assert len(agg.store.local_models(1)) == agents
+        finally:
+            await agg.stop()
+
+    asyncio.run(go())
+    assert filed == expected

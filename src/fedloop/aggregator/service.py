@@ -687,13 +687,27 @@ class Aggregator:
         for update in updates:
             self.pending[update.agent_id] = update
 
+    def _files_inline(self, updates: list[Update]) -> bool:
+        """Whether filing `updates` is short enough for the event loop's thread: a row in
+        SQLite and no fold of the model (the round's first upload, the one that closes it, a
+        strategy that keeps uploads as they are). Each hop to a worker thread and back costs
+        66–89 µs of CPU on the reference VM, and the round waits for it (docs/performance.md,
+        eighteenth pass). Asynchronous rounds always hop: their aggregations write meanwhile."""
+        if self.asynchronous or not self.store.writes_inline:
+            return False
+        if not self.streams:
+            return True
+        closing = len(self.pending) + len(updates) >= self.needed()
+        return not self.running.folds(updates, last=closing)
+
     def _file_and_hold(
-        self, rows: list[LocalModelRow], updates: list[Update]
+        self, rows: list[LocalModelRow], updates: list[Update], inline: bool = False
     ) -> list[DuplicateUpload | None]:
         """Store accepted uploads' rows (one transaction), then hold them; an upload whose row
-        is a duplicate is not held and gets its DuplicateUpload back, in order."""
+        is a duplicate is not held and gets its DuplicateUpload back, in order. ``inline``:
+        the rows are written on the caller's thread (`Store.writes_inline`)."""
         try:
-            self.store.add_local_models(rows)
+            self.store.add_local_models(rows, inline)
             refused: list[DuplicateUpload | None] = [None] * len(rows)
         except DuplicateUpload:
             if len(rows) == 1:
@@ -701,7 +715,7 @@ class Aggregator:
             refused = []  # find which: one row at a time
             for row in rows:
                 try:
-                    self.store.add_local_models([row])
+                    self.store.add_local_models([row], inline)
                     refused.append(None)
                 except DuplicateUpload as exc:
                     refused.append(exc)
@@ -880,11 +894,12 @@ class Aggregator:
             )
             accepted.append((i, row, update))
         if accepted:
+            rows, updates = [a[1] for a in accepted], [a[2] for a in accepted]
             try:
-                # One hop to a thread for all: the rows, then their fold (one pass).
-                duplicates = await asyncio.to_thread(
-                    self._file_and_hold, [a[1] for a in accepted], [a[2] for a in accepted]
-                )
+                if self._files_inline(updates):
+                    duplicates = self._file_and_hold(rows, updates, inline=True)
+                else:  # one hop to a thread for all: the rows, then their fold (one pass)
+                    duplicates = await asyncio.to_thread(self._file_and_hold, rows, updates)
             except DuplicateUpload as exc:
                 duplicates = [exc]
             held = len(self.pending) - sum(d is None for d in duplicates)

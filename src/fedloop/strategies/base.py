@@ -437,16 +437,34 @@ class RunningMean:
         for the pass that divides. The bits are those of adding them one at a time."""
         for update in updates:
             if self._count == 0:
-                nbytes = sum(np.asarray(t).nbytes for t in update.weights.values())
-                self._hold = max(1, min(self.max_held, HOLD_BYTES // max(1, nbytes)))
+                self._hold = self._hold_for(update)
             else:
                 self._check_like(update)
             self._held.append(update)
             self._samples += update.num_samples
             self._count += 1
-        # The first upload waits for a second: one needs no sums, two are summed in one pass.
-        if not last and len(self._held) >= (self._hold if self._sums else max(2, self._hold)):
+        if not last and self._full():
             self._fold(parallel)
+
+    def _hold_for(self, first: Update) -> int:
+        """How many uploads to keep before folding them, from the first upload's size."""
+        nbytes = sum(np.asarray(t).nbytes for t in first.weights.values())
+        return max(1, min(self.max_held, HOLD_BYTES // max(1, nbytes)))
+
+    def _full(self, more: int = 0) -> bool:
+        """Whether the kept uploads, with `more` besides, are enough to fold."""
+        # The first upload waits for a second: one needs no sums, two are summed in one pass.
+        return len(self._held) + more >= (self._hold if self._sums else max(2, self._hold))
+
+    def folds(self, updates: Sequence[Update], last: bool = False) -> bool:
+        """Whether add_many(updates, last=last) would fold (a pass over the model's sums),
+        rather than only keep them: the caller can tell cheap calls from model-sized ones."""
+        if last or not updates:
+            return False
+        if self._count == 0:
+            hold = self._hold_for(updates[0])
+            return len(updates) >= max(2, hold)
+        return self._full(len(updates))
 
     def _reference(self, key: str) -> Array:
         """The tensor `key` that uploads are checked against: a kept upload's, or the sum."""
