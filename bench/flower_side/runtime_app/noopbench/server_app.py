@@ -16,7 +16,8 @@ app = ServerApp()
 
 
 def initial_weights(model_mb: float, tensors: int = 4, seed: int = 0) -> list[np.ndarray]:
-    """The same arrays as fedloop.ml.noop.NoopEngine.initial_weights (and flower_bench.py)."""
+    """The same arrays as fedloop.ml.noop.NoopEngine.initial_weights: a copy of
+    flower_bench.initial_weights, because a Flower App ships only its own folder."""
     total = max(tensors, int(model_mb * 1024 * 1024 / 4))
     sizes = [total // tensors] * tensors
     sizes[-1] += total - sum(sizes)
