@@ -672,8 +672,7 @@ class Aggregator:
             # divides the sums. Others are folded on all cores too: the round waits on the
             # filing, and a fold on one thread left a core idle while others waited for the lock
             # (deploy 10 × 4 MB 0.066 → 0.064 s a round, sim 10 × 100 MB 0.416 → 0.385 s).
-            closing = len(self.pending) + len(updates) >= self.needed()
-            self.running.add_many(updates, parallel=True, last=closing)
+            self.running.add_many(updates, parallel=True, last=self._closes(updates))
             updates = [
                 Update(
                     weights={},
@@ -697,8 +696,11 @@ class Aggregator:
             return False
         if not self.streams:
             return True
-        closing = len(self.pending) + len(updates) >= self.needed()
-        return not self.running.folds(updates, last=closing)
+        return not self.running.folds(updates, last=self._closes(updates))
+
+    def _closes(self, updates: list[Update]) -> bool:
+        """Whether holding `updates` too makes enough uploads to close the round."""
+        return len(self.pending) + len(updates) >= self.needed()
 
     def _file_and_hold(
         self, rows: list[LocalModelRow], updates: list[Update], inline: bool = False
