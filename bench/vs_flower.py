@@ -319,16 +319,6 @@ def run_flower(python: str, mode: str, agents: int, model_mb: float, rounds: int
         stop(processes)
 
 
-def _vm_hwm_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def _stop_groups(processes: list[subprocess.Popen[bytes]]) -> None:
     """Stop processes started with `start_new_session`, with everything they started."""
     for process in processes:
@@ -410,9 +400,8 @@ def run_flower_runtime(
                 late = f"Flower did not finish {rounds} rounds in {timeout:.0f} s; logs {root}"
                 return {"error": late}
             time.sleep(0.2)
-        time.sleep(0.2)  # the ServerApp writes the file whole; let it close it
-        result = json.loads(out.read_text())
-        superlink_mb = _vm_hwm_mb(superlink.pid)
+        result = json.loads(out.read_text())  # renamed into place whole by the ServerApp
+        superlink_mb = peak_rss_mb(superlink.pid)  # still running: checked just above
         stamps = result["round_ends"]
         if len(stamps) < rounds:
             return {"error": f"Flower finished only {len(stamps)} of {rounds} rounds"}
@@ -420,8 +409,8 @@ def run_flower_runtime(
         serverapp_mb = result["serverapp_peak_rss_mb"]
         return {
             **summary(per_round(stamps)),
-            "server_peak_rss_mb": round(serverapp_mb + (superlink_mb or 0.0), 1),
-            "superlink_peak_rss_mb": None if superlink_mb is None else round(superlink_mb, 1),
+            "server_peak_rss_mb": round(serverapp_mb + superlink_mb, 1),
+            "superlink_peak_rss_mb": round(superlink_mb, 1),
             "serverapp_peak_rss_mb": round(serverapp_mb, 1),
             "first_round_s": round(stamps[0] - result["start"], 2),
         }

@@ -61,4 +61,6 @@ def main(grid: Grid, context: Context) -> None:
         num_rounds=int(config["num-server-rounds"]),
     )
     out = {"start": started, "round_ends": strategy.stamps, "serverapp_peak_rss_mb": peak_rss_mb()}
-    Path(str(config["out"])).write_text(json.dumps(out))
+    path = Path(str(config["out"]))
+    path.with_suffix(".tmp").write_text(json.dumps(out))
+    path.with_suffix(".tmp").replace(path)  # whole: the bench reads it once it exists
