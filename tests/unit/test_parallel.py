@@ -7,12 +7,15 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from uploads import float32_updates
 
 from fedloop import parallel
 from fedloop.errors import ProtocolError
 from fedloop.protocol.codec import ModelSpec, all_finite, check_against
-from fedloop.strategies import FedAvg, RunningMean, Update
+from fedloop.strategies import FedAvg, RunningMean, Update, base
 
 BIG = parallel.MIN_SPLIT * 2 + 3 * 65536 + 11  # over the split size, not a multiple of a block
 
@@ -280,3 +283,91 @@ def test_over_http_the_first_and_the_closing_upload_fold_nothing() -> None:
     assert running.folds([third]) is True
     running.add(third)
     assert running.folds([closing], last=True) is False  # folded by the division
+
+
+def _any_finite_float32(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Float32 values from random bit patterns: subnormals, zeros of both signs, values near
+    the largest float32; NaN and infinities replaced by 1.5."""
+    bits = rng.integers(0, 2**32, size, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    return np.where(np.isfinite(bits), bits, np.float32(1.5))
+
+
+def _pair_mean(a: np.ndarray, b: np.ndarray, samples: int) -> np.ndarray:
+    running = RunningMean()
+    running.add(Update(weights={"w": a}, num_samples=samples, agent_id="a", base_round=0))
+    running.add(
+        Update(weights={"w": b}, num_samples=samples, agent_id="b", base_round=0), last=True
+    )
+    return running.as_update(like={"w": np.zeros_like(a)}).weights["w"]
+
+
+@pytest.mark.parametrize("samples", [1, 2, 3, 7, 12345, 2**28])
+def test_two_uploads_of_equal_samples_have_the_bits_of_the_float64_mean_in_float32(
+    samples: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two float32 uploads with the same num_samples are averaged in float32, (x + y) · 0.5:
+    # the bits must be those of the float64 route, every bit pattern included (subnormal
+    # halves, signed zeros, exponents far apart, sums past the largest float32).
+    rng = np.random.default_rng(samples)
+    size = 3 * parallel.MIN_SPLIT + 5
+    a, b = _any_finite_float32(rng, size), _any_finite_float32(rng, size)
+    b[:1000] = -a[:1000]  # exact cancellation: +0.0
+    b[1000:2000] = a[1000:2000] * np.float32(0.75)  # close values, same sign
+    a[2000:3000], b[2000:3000] = np.float32(3.0e38), np.float32(2.9e38)  # overflows float32
+    a[3000:3010], b[3000:3010] = -0.0, -0.0
+    halved: list[int] = []
+    half_sum = base._half_sum
+
+    def counting(x: np.ndarray, y: np.ndarray, out: np.ndarray) -> bool:
+        done = half_sum(x, y, out)
+        halved.append(int(done))
+        return done
+
+    monkeypatch.setattr(base, "_half_sum", counting)
+    mean = _pair_mean(a, b, samples)
+    reference = (a.astype(np.float64) * samples + b.astype(np.float64) * samples) / (2 * samples)
+    np.testing.assert_array_equal(
+        mean.view(np.uint32), reference.astype(np.float32).view(np.uint32)
+    )
+    assert 1 in halved, "the float32 route was never taken"
+    assert 0 in halved, "the block that overflows float32 was not computed again in float64"
+
+
+@given(
+    pair=hnp.arrays(
+        np.float32,
+        st.integers(1, 64).map(lambda n: (2, n)),
+        elements=st.floats(width=32, allow_nan=False, allow_infinity=False),
+    ),
+    samples=st.integers(1, 2**29 - 1),
+)
+@settings(max_examples=300, deadline=None)
+def test_the_float32_pair_mean_has_the_float64_bits_for_any_values(
+    pair: np.ndarray, samples: int
+) -> None:
+    a, b = pair[0].copy(), pair[1].copy()
+    reference = (a.astype(np.float64) * samples + b.astype(np.float64) * samples) / (2 * samples)
+    mean = _pair_mean(a, b, samples)
+    np.testing.assert_array_equal(
+        mean.view(np.uint32), reference.astype(np.float32).view(np.uint32)
+    )
+
+
+@pytest.mark.parametrize(
+    ("counts", "dtype"), [((1, 2), np.float32), ((3, 1), np.float32), ((1, 1), np.float64)]
+)
+def test_pairs_of_unequal_samples_or_other_dtypes_keep_the_float64_route(
+    counts: tuple[int, int], dtype: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*_: object) -> bool:
+        raise AssertionError("the float32 route was taken")
+
+    monkeypatch.setattr(base, "_half_sum", refuse)
+    updates = float32_updates({"w": 1000}, counts, seed=5)
+    for update in updates:
+        update.weights["w"] = update.weights["w"].astype(dtype)
+    running = RunningMean()
+    running.add(updates[0])
+    running.add(updates[1], last=True)
+    mean = running.as_update(like={"w": np.zeros(1000, dtype)}).weights["w"]
+    np.testing.assert_array_equal(mean, _float64_mean(updates, "w").astype(dtype))
