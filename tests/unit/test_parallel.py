@@ -301,7 +301,7 @@ def _pair_mean(a: np.ndarray, b: np.ndarray, samples: int) -> np.ndarray:
     return running.as_update(like={"w": np.zeros_like(a)}).weights["w"]
 
 
-@pytest.mark.parametrize("samples", [1, 2, 3, 7, 12345, 2**28])
+@pytest.mark.parametrize("samples", [1, 2, 3, 7, 12345, 2**28 - 1])
 def test_two_uploads_of_equal_samples_have_the_bits_of_the_float64_mean_in_float32(
     samples: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -315,6 +315,10 @@ def test_two_uploads_of_equal_samples_have_the_bits_of_the_float64_mean_in_float
     b[1000:2000] = a[1000:2000] * np.float32(0.75)  # close values, same sign
     a[2000:3000], b[2000:3000] = np.float32(3.0e38), np.float32(2.9e38)  # overflows float32
     a[3000:3010], b[3000:3010] = -0.0, -0.0
+    # Integers of 24 bits whose sums need 25: every odd sum's half is a float32 tie, which
+    # the float64 route rounds to even only while samples · sum is exact (samples < 2**28).
+    a[4000:6000] = rng.integers(2**23, 2**24, 2000)
+    b[4000:6000] = rng.integers(2**23, 2**24, 2000)
     halved: list[int] = []
     half_sum = base._half_sum
 
@@ -331,6 +335,15 @@ def test_two_uploads_of_equal_samples_have_the_bits_of_the_float64_mean_in_float
     )
     assert 1 in halved, "the float32 route was never taken"
     assert 0 in halved, "the block that overflows float32 was not computed again in float64"
+
+
+def test_a_tie_with_samples_of_2_to_the_28_or_more_keeps_the_float64_route() -> None:
+    # (1 + 2**24) / 2 is halfway between two float32 values. Float32 rounds it to even; the
+    # float64 route, whose (2**29 - 1)·(1 + 2**24) is rounded, goes up. The mean must be
+    # the float64 route's.
+    a, b = np.array([1.0], np.float32), np.array([2.0**24], np.float32)
+    mean = _pair_mean(a, b, 2**29 - 1)
+    assert mean[0] == np.float32(2.0**23 + 1) != (a + b)[0] * np.float32(0.5)
 
 
 @given(

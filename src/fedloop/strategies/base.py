@@ -310,15 +310,17 @@ def _single_precision_pair(
     """Whether out = (w·x + w·y) / 2w, float32 in and out, has the bits of (x + y) · 0.5 in
     float32, so that `_half_sum` may compute it.
 
-    Two uploads of equal num_samples w. In float64, w·x and w·y are exact (w < 2**29), and
-    so is their sum when x + y is exact in float64, which it is unless their exponents are
-    more than about 28 apart; the division by 2w then gives (x + y) / 2 exactly, and the cast
-    to float32 rounds it once. In float32, x + y is rounded once and · 0.5 is exact (a sum
-    under 2**-125, whose half is subnormal, is exact itself): the same single rounding of
-    (x + y) / 2. When x + y is not exact in float64, the smaller of the two is under 2**-28
-    of the larger, so (x + y) / 2 is far from halfway between two float32 values and both
-    routes round it to the same one. The one difference, a float32 sum past the largest
-    float32, is caught by `_half_sum`.
+    Two uploads of equal num_samples w < 2**28. In float32, x + y is rounded once and · 0.5 is
+    exact (a sum under 2**-125, whose half is subnormal, is exact itself): one rounding of
+    (x + y) / 2, ties to even. In float64, w·x and w·y are exact. When x + y is exact in
+    float64 and w·(x + y) too, the division by 2w gives (x + y) / 2 exactly and the cast
+    rounds it once: the same bits. A sum rounded in float64 is off by under 2**-52 of it,
+    which moves it across a float32 rounding boundary only if (x + y) / 2 lies exactly on one
+    (a tie: x + y of 25 significant bits) or within that distance of one; the second needs
+    exponents more than 28 apart, where the smaller value is too small to reach a boundary.
+    A tie's w·(x + y) has at most 25 + 27 bits, exact in float64, for w < 2**28; from 2**28
+    a tie can round the other way (w = 2**29 - 1, x = 1, y = 2**24 does). The one other
+    difference, a float32 sum past the largest float32, is caught by `_half_sum`.
     """
     return (
         len(xs) == 2
@@ -326,7 +328,7 @@ def _single_precision_pair(
         and xs[0].dtype == np.float32
         and xs[1].dtype == np.float32
         and weights[0] == weights[1]
-        and 0 < weights[0] < 2**29
+        and 0 < weights[0] < 2**28
         and float(weights[0]).is_integer()
         and n == weights[0] + weights[1]
     )
