@@ -318,8 +318,8 @@ def _single_precision_pair(
     which moves it across a float32 rounding boundary only if (x + y) / 2 lies exactly on one
     (a tie: x + y of 25 significant bits) or within that distance of one; the second needs
     exponents more than 28 apart, where the smaller value is too small to reach a boundary.
-    A tie's w·(x + y) has at most 25 + 27 bits, exact in float64, for w < 2**28; from 2**28
-    a tie can round the other way (w = 2**29 - 1, x = 1, y = 2**24 does). The one other
+    A tie's w·(x + y) has at most 25 + 28 = 53 bits, exact in float64, for w < 2**28; from
+    2**28 a tie can round the other way (w = 2**29 - 1, x = 1, y = 2**24 does). The one other
     difference, a float32 sum past the largest float32, is caught by `_half_sum`.
     """
     return (
