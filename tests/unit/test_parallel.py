@@ -337,6 +337,23 @@ def test_two_uploads_of_equal_samples_have_the_bits_of_the_float64_mean_in_float
     assert 0 in halved, "the block that overflows float32 was not computed again in float64"
 
 
+@pytest.mark.parametrize("counts", [(1, 1), (1, 3), (2, 1, 5)])
+def test_a_mean_ignores_a_callers_raising_error_state(counts: tuple[int, ...]) -> None:
+    # A mean that rounds to a subnormal raises the underflow flag, on the float32 route and
+    # the float64 one; a caller's np.seterr(all="raise") must not fail the aggregation.
+    updates = float32_updates({"w": 3}, counts, seed=2)
+    updates[0].weights["w"][:] = [1e-45, 3e-45, 1.0]  # (1e-45 + 0) / 2 rounds
+    for update in updates[1:]:
+        update.weights["w"][:] = [0.0, 0.0, 3.0]
+    running = RunningMean()
+    for i, update in enumerate(updates):
+        running.add(update, last=i == len(updates) - 1)
+    with np.errstate(all="raise"):
+        mean = running.as_update(like={"w": np.zeros(3, np.float32)}).weights["w"]
+    reference = _float64_mean(updates, "w").astype(np.float32)
+    np.testing.assert_array_equal(mean.view(np.uint32), reference.view(np.uint32))
+
+
 def test_a_tie_with_samples_of_2_to_the_28_or_more_keeps_the_float64_route() -> None:
     # (1 + 2**24) / 2 is halfway between two float32 values. Float32 rounds it to even; the
     # float64 route, whose (2**29 - 1)·(1 + 2**24) is rounded, goes up. The mean must be

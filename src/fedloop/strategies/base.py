@@ -271,14 +271,17 @@ _CAST_BUFFER = 1 << 17
 
 @contextlib.contextmanager
 def _wide_casts() -> Iterator[None]:
-    """Run the ufuncs inside with NumPy's casting buffer at `_CAST_BUFFER` elements.
+    """Run the ufuncs inside with NumPy's casting buffer at `_CAST_BUFFER` elements, and
+    floating-point errors ignored: a mean of finite uploads that rounds to a subnormal is
+    no error, whatever a caller's `np.seterr` (`_half_sum` raises what it checks for).
 
-    The setting belongs to the calling thread (and context), so each range of a fold sets it
-    on whichever thread runs it, and puts the old one back.
+    The settings belong to the calling thread (and context), so each range of a fold sets
+    them on whichever thread runs it, and puts the old ones back.
     """
     old = np.setbufsize(_CAST_BUFFER)
     try:
-        yield
+        with np.errstate(all="ignore"):
+            yield
     finally:
         np.setbufsize(old)
 
@@ -336,13 +339,14 @@ def _single_precision_pair(
 
 def _half_sum(x: Array, y: Array, out: Array) -> bool:
     """out = (x + y) · 0.5 in float32; False (out to be computed again) if a sum overflowed
-    or came out NaN from two infinities, where float64 would differ."""
+    or came out NaN from two infinities, where float64 would differ. A half rounded to a
+    subnormal is no error here, whatever the caller's `np.seterr`."""
     try:
-        with np.errstate(over="raise", invalid="raise"):
+        with np.errstate(over="raise", invalid="raise", under="ignore"):
             np.add(x, y, out=out)
+            np.multiply(out, np.float32(0.5), out=out)
     except FloatingPointError:
         return False
-    np.multiply(out, np.float32(0.5), out=out)
     return True
 
 
