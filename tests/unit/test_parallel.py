@@ -292,13 +292,18 @@ def _any_finite_float32(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.where(np.isfinite(bits), bits, np.float32(1.5))
 
 
-def _pair_mean(a: np.ndarray, b: np.ndarray, samples: int) -> np.ndarray:
+def _pair_mean(a: np.ndarray, b: np.ndarray, samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """The bits of the closing pass's mean of a and b, and of the float64 reference's."""
+    updates = [
+        Update(weights={"w": x}, num_samples=samples, agent_id=name, base_round=0)
+        for name, x in (("a", a), ("b", b))
+    ]
     running = RunningMean()
-    running.add(Update(weights={"w": a}, num_samples=samples, agent_id="a", base_round=0))
-    running.add(
-        Update(weights={"w": b}, num_samples=samples, agent_id="b", base_round=0), last=True
-    )
-    return running.as_update(like={"w": np.zeros_like(a)}).weights["w"]
+    running.add(updates[0])
+    running.add(updates[1], last=True)
+    mean = running.as_update(like={"w": np.zeros_like(a)}).weights["w"]
+    reference = _float64_mean(updates, "w").astype(np.float32)
+    return mean.view(np.uint32), reference.view(np.uint32)
 
 
 @pytest.mark.parametrize("samples", [1, 2, 3, 7, 12345, 2**28 - 1])
@@ -328,11 +333,7 @@ def test_two_uploads_of_equal_samples_have_the_bits_of_the_float64_mean_in_float
         return done
 
     monkeypatch.setattr(base, "_half_sum", counting)
-    mean = _pair_mean(a, b, samples)
-    reference = (a.astype(np.float64) * samples + b.astype(np.float64) * samples) / (2 * samples)
-    np.testing.assert_array_equal(
-        mean.view(np.uint32), reference.astype(np.float32).view(np.uint32)
-    )
+    np.testing.assert_array_equal(*_pair_mean(a, b, samples))
     assert 1 in halved, "the float32 route was never taken"
     assert 0 in halved, "the block that overflows float32 was not computed again in float64"
 
@@ -359,8 +360,9 @@ def test_a_tie_with_samples_of_2_to_the_28_or_more_keeps_the_float64_route() -> 
     # float64 route, whose (2**29 - 1)·(1 + 2**24) is rounded, goes up. The mean must be
     # the float64 route's.
     a, b = np.array([1.0], np.float32), np.array([2.0**24], np.float32)
-    mean = _pair_mean(a, b, 2**29 - 1)
-    assert mean[0] == np.float32(2.0**23 + 1) != (a + b)[0] * np.float32(0.5)
+    mean, reference = _pair_mean(a, b, 2**29 - 1)
+    assert mean[0] == reference[0] == np.float32(2.0**23 + 1).view(np.uint32)
+    assert (a + b)[0] * np.float32(0.5) == np.float32(2.0**23)  # what float32 would give
 
 
 @given(
@@ -375,12 +377,7 @@ def test_a_tie_with_samples_of_2_to_the_28_or_more_keeps_the_float64_route() -> 
 def test_the_float32_pair_mean_has_the_float64_bits_for_any_values(
     pair: np.ndarray, samples: int
 ) -> None:
-    a, b = pair[0].copy(), pair[1].copy()
-    reference = (a.astype(np.float64) * samples + b.astype(np.float64) * samples) / (2 * samples)
-    mean = _pair_mean(a, b, samples)
-    np.testing.assert_array_equal(
-        mean.view(np.uint32), reference.astype(np.float32).view(np.uint32)
-    )
+    np.testing.assert_array_equal(*_pair_mean(pair[0].copy(), pair[1].copy(), samples))
 
 
 @pytest.mark.parametrize(
