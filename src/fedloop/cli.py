@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from fedloop.errors import FedloopError
+from fedloop.errors import EngineError, FedloopError
 
 app = typer.Typer(
     add_completion=False,
@@ -117,6 +118,10 @@ def agent(
         )
         state = runner.run()
         typer.echo(f"agent {agent_name} done: {state.rounds_trained} rounds trained")
+    except EngineError as exc:
+        # The user's code failed: where, in its traceback, is what they need.
+        traceback.print_exception(exc.__cause__ or exc)
+        _fail(exc)
     except FedloopError as exc:
         _fail(exc)
 

@@ -38,3 +38,7 @@ class ConnectionFailed(FedloopError):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class EngineError(FedloopError):
+    """The user's ML engine raised: the exception it raised is the cause (`__cause__`)."""

@@ -70,3 +70,23 @@ class PidEngine:
         self, weights: Weights, config: dict[str, Any]
     ) -> tuple[Weights, int, dict[str, float]]:
         return weights, 1, {"pid": float(os.getpid())}
+
+
+class WrongShapeEngine(ShiftEngine):
+    """Returns `w` with one row too many: a bug in the user's training code."""
+
+    def train(
+        self, weights: Weights, config: dict[str, Any]
+    ) -> tuple[Weights, int, dict[str, float]]:
+        new, samples, metrics = super().train(weights, config)
+        new["w"] = np.zeros((5, 3), np.float32)
+        return new, samples, metrics
+
+
+class FailingEngine(ShiftEngine):
+    """Raises in training, as a user's code with a bug does."""
+
+    def train(
+        self, weights: Weights, config: dict[str, Any]
+    ) -> tuple[Weights, int, dict[str, float]]:
+        raise RuntimeError("the user's training broke")

@@ -77,3 +77,10 @@ def test_bad_engine(tmp_path: Path) -> None:
 
 def test_history_without_a_run(tmp_path: Path) -> None:
     assert_one_sentence(run("history", "--data-dir", str(tmp_path)), "no fedloop database")
+
+
+def test_invalid_aggregator_urls_are_refused_at_once(tmp_path: Path) -> None:
+    # Neither can ever work: retrying them (without --give-up-after, for ever) hides the typo.
+    for url in ("127.0.0.1:8765", "http://127.0.0.1:99999", "ftp://127.0.0.1:8765"):
+        result = run("agent", "engines:ShiftEngine", "--url", url, "--workdir", str(tmp_path))
+        assert_one_sentence(result, f"the aggregator URL {url!r} is not valid")

@@ -34,6 +34,7 @@ from fedloop.agent.client import (
     BodyBuffer,
     ModelBody,
     body_size,
+    checked_url,
     chunks,
     retry_after,
 )
@@ -107,7 +108,7 @@ class AsyncAgent:
         if not hasattr(engine, "train"):
             raise FedloopError("the ML engine must have a train(weights, config) method")
         self.engine = engine
-        self.url = aggregator_url.rstrip("/")
+        self.url = checked_url(aggregator_url)
         self.name = name
         self.mode = mode
         self.initial_weights = initial_weights
@@ -211,9 +212,16 @@ class AsyncAgent:
                     await response.aread()
                     raise AsyncRefused(response.text[:500], response.status_code, "http_error")
                 info = parse_message(GlobalModelInfo, response.headers.get(MESSAGE_HEADER))
-                return info, await _read_into_buffer(response)
+                try:
+                    return info, await _read_into_buffer(response)
+                except (httpx.TransportError, ConnectionFailed):
+                    # The link broke mid-body: ask again, as when the request failed.
+                    if self._stop.is_set():
+                        raise
             finally:
                 await response.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.backoff_max)
 
     # --- push -----------------------------------------------------------------------------
     async def _listen(self, agent_id: str) -> None:

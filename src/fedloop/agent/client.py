@@ -11,13 +11,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 
 from fedloop.agent.bulk import BulkConnection
 from fedloop.agent.bulk import usable as bulk_usable
-from fedloop.errors import ConnectionFailed, ProtocolError
+from fedloop.errors import ConnectionFailed, FedloopError, ProtocolError
 from fedloop.protocol import codec
 from fedloop.protocol.messages import (
     GlobalModelInfo,
@@ -142,6 +143,22 @@ def auth_header(token: str | None) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"} if token else {}
 
 
+def checked_url(url: str) -> str:
+    """Return the aggregator's base URL without a trailing slash; a FedloopError if it cannot
+    work (retrying it would only hide the mistake)."""
+    hint = "give it as http://HOST:PORT or https://HOST:PORT"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError when out of range or not a number
+    except ValueError as exc:
+        raise FedloopError(f"the aggregator URL {url!r} is not valid ({exc}); {hint}") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise FedloopError(f"the aggregator URL {url!r} is not valid; {hint}")
+    if port == 0:
+        raise FedloopError(f"the aggregator URL {url!r} has port 0; {hint}")
+    return url.rstrip("/")
+
+
 class AggregatorClient:
     """Synchronous client of one aggregator (one HTTP connection pool).
 
@@ -156,7 +173,7 @@ class AggregatorClient:
         verify: bool | ssl.SSLContext = True,
         token: str | None = None,
     ) -> None:
-        self.url = url.rstrip("/")
+        self.url = checked_url(url)
         self.token = token
         # Download buffers, reused while the model's size stays the same; a model over
         # 256 MiB is not kept between rounds (an agent's memory between rounds stays low).

@@ -41,6 +41,7 @@ class Client:
         self.agent_id: str | None = None
         self.global_round = -1
         self.finished = False
+        self._sent: set[int] = set()  # rounds whose local model was accepted
 
     def send_initial_model(self, weights: Mapping[str, np.ndarray]) -> str:
         """Register with `weights` as this agent's initial model; return the agent id."""
@@ -87,17 +88,18 @@ class Client:
         """Upload a local model trained on the last global model; False if it was overtaken."""
         if self.agent_id is None:
             raise RuntimeError("call send_initial_model() first")
-        agent_id, data = self.agent_id, codec.encode(weights)
+        agent_id, data, round_number = self.agent_id, codec.encode(weights), self.global_round + 1
         try:
-            retry(
-                lambda: self.client.upload(
-                    agent_id, self.global_round + 1, data, num_samples, metrics
-                )
-            )
+            retry(lambda: self.client.upload(agent_id, round_number, data, num_samples, metrics))
         except Refused as exc:
             if exc.code in ("round_closed", "round_not_open", "run_finished"):
                 return False
-            raise
+            # The aggregator holds a local model of this agent for the round that this client
+            # did not see accepted: an earlier attempt got through but its answer was lost, or
+            # it was sent before a restart. A second call after an accepted one is a mistake.
+            if exc.code != "duplicate_upload" or round_number in self._sent:
+                raise
+        self._sent.add(round_number)
         return True
 
     def close(self) -> None:

@@ -24,15 +24,16 @@ from fedloop.agent.client import (
 )
 from fedloop.agent.keeper import LocalKeeper
 from fedloop.agent.state import AgentState, Phase, StateDir
-from fedloop.errors import FedloopError
+from fedloop.errors import EngineError, FedloopError
 from fedloop.protocol import codec
+from fedloop.protocol.messages import RegisterResponse
 from fedloop.types import Weights
 
 log = logging.getLogger("fedloop.agent")
 T = TypeVar("T")
 
 # Refusals after which a trained model is dropped: a newer global model overtook it.
-_OVERTAKEN = {"round_closed", "round_not_open", "duplicate_upload", "run_finished"}
+_OVERTAKEN = {"round_closed", "round_not_open", "run_finished"}
 # Refusals of a local model damaged on disk (e.g. by a power loss): drop it, wait for the next.
 _DAMAGED = {"bad_model", "wrong_names", "wrong_shape", "wrong_dtype"}
 
@@ -156,24 +157,50 @@ class Agent:
 
     # --- the state machine ----------------------------------------------------------------
     def register(self) -> str:
-        """Register (again) and return the agent id; the first time the initial model goes along."""
-        weights = None if self.state.agent_id else self._initial_weights()
+        """Register (again) and return the agent id; the first time the initial model goes along.
+
+        A directory kept from another run (a new aggregator, or its database replaced) is
+        noticed here: the aggregator gives this name another id, asks for the initial model, or
+        is behind the round the directory holds. The agent then starts over from the
+        aggregator's round instead of waiting for a round that will not come.
+        """
+        known = self.state.agent_id
+        weights = None if known else self._initial_weights()
         try:
-            reply = self._call(lambda: self.client.register(self.name, weights))
+            reply = self._register(weights)
         except Refused as exc:
-            # A stored credential that was revoked (or an aggregator on a new database):
-            # enroll again when the operator gave a new token.
-            token = self.enrollment_token
-            if exc.status != 401 or not token or self.client.token == token:
+            if exc.code != "initial_model_required" or weights is not None:
                 raise
-            log.warning("stored credential refused (%s); enrolling with the token", exc.code)
-            self.client.token = token
-            reply = self._call(lambda: self.client.register(self.name, weights))
+            # The aggregator has no model yet: this directory is from an earlier run.
+            weights = self._initial_weights()
+            if weights is None:
+                raise
+            log.warning("the aggregator holds no model yet: a new run; sending the initial model")
+            reply = self._register(weights)
         if reply.credential:
             # Before the state: an agent killed in between finds its credential on restart.
             self.dir.save_credential(self.name, reply.credential)
             self.credential = self.client.token = reply.credential
             log.info("enrolled; credential kept in %s", self.dir.credential_file)
+        stale = None
+        if known is not None and reply.agent_id != known:
+            stale = f"it knows this name as agent {reply.agent_id}, not {known}"
+        elif self.state.global_round > reply.global_round:
+            stale = (
+                f"its newest global model is {reply.global_round}, "
+                f"this directory holds {self.state.global_round}"
+            )
+        if stale is not None:
+            log.warning(
+                "%s is from another run of the aggregator (%s); starting over",
+                self.dir.path,
+                stale,
+            )
+            self._start_over()
+        elif self.state.finished and not reply.finished:
+            # The operator raised the aggregator's `rounds`: the run goes on.
+            log.info("the run goes on after global model %d", self.state.global_round)
+            self.state.finished = False
         self.state.agent_id = reply.agent_id
         self.asynchronous = reply.asynchronous
         self.secure_aggregation = reply.secure_aggregation  # local models go masked
@@ -185,6 +212,27 @@ class Agent:
             " (asynchronous)" if reply.asynchronous else "",
         )
         return reply.agent_id
+
+    def _register(self, weights: Weights | None) -> RegisterResponse:
+        try:
+            return self._call(lambda: self.client.register(self.name, weights))
+        except Refused as exc:
+            # A stored credential that was revoked (or an aggregator on a new database):
+            # enroll again when the operator gave a new token.
+            token = self.enrollment_token
+            if exc.status != 401 or not token or self.client.token == token:
+                raise
+            log.warning("stored credential refused (%s); enrolling with the token", exc.code)
+            self.client.token = token
+            return self._call(lambda: self.client.register(self.name, weights))
+
+    def _start_over(self) -> None:
+        """Forget the rounds of another run: wait for the aggregator's newest global model."""
+        self.dir.clear_local()
+        self._local = None
+        self._global_bytes = None
+        self._wait_after = -1
+        self.state = AgentState(name=self.name)
 
     def run(self) -> AgentState:
         """Run rounds until the aggregator finishes the run, `max_rounds`, or `stop()`."""
@@ -271,7 +319,8 @@ class Agent:
         return self._order
 
     def _evaluate_global(self, round_number: int) -> None:
-        metrics = self.engine.evaluate(self._held_global(), dict(self.state.config))
+        weights = self._held_global()
+        metrics = self._engine_call("evaluate", round_number, weights, dict(self.state.config))
         assert self.state.agent_id is not None
         agent_id = self.state.agent_id
         try:
@@ -283,7 +332,10 @@ class Agent:
         self._enter(Phase.TRAINING)
         weights = self._held_global()
         config = {**self.state.config, "round": self.state.global_round + 1}
-        new, num_samples, metrics = self.engine.train(weights, config)
+        new, num_samples, metrics = self._engine_call(
+            "train", self.state.global_round + 1, weights, config
+        )
+        self._check_trained(new, weights)
         del weights
         self._global_bytes = None  # trained on: its buffer goes unless `new` views it
         meta = {
@@ -301,8 +353,40 @@ class Agent:
         self.state.phase = Phase.SENDING
         self._keeper.start(data, meta, dataclasses.replace(self.state))
 
+    def _engine_call(self, method: str, round_number: int, *args: Any) -> Any:
+        """Call the engine's `method`; what it raises comes back as an EngineError naming it."""
+        try:
+            return getattr(self.engine, method)(*args)
+        except Exception as exc:
+            raise EngineError(
+                f"the ML engine's {method} raised {type(exc).__name__} in round "
+                f"{round_number}: {exc}"
+            ) from exc
+
+    def _check_trained(self, new: Mapping[str, Any], weights: Weights) -> None:
+        """Raise a FedloopError if the engine's model does not match the global model's tensors.
+
+        The aggregator would refuse it as wrong_names/wrong_shape/wrong_dtype, refusals that
+        otherwise mean a local model damaged on disk and are dropped: the agent would go on
+        without ever contributing.
+        """
+        try:
+            codec.check_against(
+                {name: np.asarray(value) for name, value in new.items()},
+                codec.ModelSpec.of(weights),
+                finite=False,
+            )
+        except FedloopError as exc:
+            raise FedloopError(
+                f"the ML engine's train returned a model that does not match the global model "
+                f"of round {self.state.global_round}: {exc}"
+            ) from exc
+
     def _send(self) -> None:
         pending, self._local = self._local or self.dir.load_local(), None
+        if pending is not None and not {"round", "num_samples", "metrics"} <= pending[1].keys():
+            log.warning("%s is incomplete; its local model is not sent", self.dir.local_meta)
+            pending = None
         if pending is None:  # killed between clearing the model and saving the phase
             self._enter(Phase.WAITING_GM)
             return
@@ -334,9 +418,16 @@ class Agent:
                     self._wait_after = max(self._wait_after, reply.round - 1)
                 log.info("round %d: uploaded (%d/%d)", reply.round, reply.uploads, reply.needed)
             except Refused as exc:
-                if exc.code not in _OVERTAKEN | _DAMAGED:
+                if exc.code == "duplicate_upload":
+                    # An earlier attempt got through (its answer was lost, or this agent was
+                    # restarted after sending): the aggregator holds this agent's local model
+                    # of the round.
+                    self.state.rounds_trained += 1
+                    log.info("round %d: already uploaded", meta["round"])
+                elif exc.code in _OVERTAKEN | _DAMAGED:
+                    log.info("local model of round %d discarded: %s", meta["round"], exc)
+                else:
                     raise  # kept for a restart (an unreachable aggregator is retried in _call)
-                log.info("local model of round %d discarded: %s", meta["round"], exc)
         self._keeper.answered()  # answered, refused, overtaken or sent securely: nothing to keep
         self._saved()
         self.dir.clear_local()

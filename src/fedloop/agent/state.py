@@ -145,8 +145,18 @@ class StateDir:
         """Return the credential the aggregator gave agent `name`, if this directory holds it."""
         if not self.credential_file.exists():
             return None
-        data = json.loads(self.credential_file.read_text())
-        if data.get("name") != name:
+        try:
+            data = json.loads(self.credential_file.read_text())
+        except ValueError as exc:
+            # Written durably (`save_credential`), so only a damaged disk or a hand edit gets
+            # here; enrolling again needs a new token from the operator.
+            log.warning(
+                "%s is unreadable (%s); registering needs a new enrollment token",
+                self.credential_file,
+                exc,
+            )
+            return None
+        if not isinstance(data, dict) or data.get("name") != name:
             return None
         credential = data.get("credential")
         return str(credential) if credential else None
