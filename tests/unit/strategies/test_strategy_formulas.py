@@ -148,8 +148,8 @@ def test_scaffold_needs_control_deltas() -> None:
 
 def test_fednova_normalised_averaging() -> None:
     updates = [
-        upd([2], n=1, agent="a", metrics={"local_steps": 2}),
-        upd([3], n=3, agent="b", metrics={"local_steps": 6}),
+        upd([2], n=1, agent="a", metrics={"local_steps": 2, "local_momentum": 0}),
+        upd([3], n=3, agent="b", metrics={"local_steps": 6, "local_momentum": 0}),
     ]
     out = create("fednova").aggregate(glob([0]), updates)
     # p = [1/4, 3/4]; d = [-2/2, -3/6] = [-1, -0.5]; tau_eff = 0.5 + 4.5 = 5
@@ -169,7 +169,18 @@ def test_fednova_momentum_normalizer() -> None:
 
 def test_fednova_needs_local_steps() -> None:
     with pytest.raises(ValueError, match="local_steps"):
-        create("fednova").aggregate(glob([0]), [upd([1])])
+        create("fednova").aggregate(glob([0]), [upd([1], metrics={"local_momentum": 0})])
+
+
+def test_fednova_refuses_an_unknown_momentum_rather_than_assume_plain_sgd() -> None:
+    # Taking momentum 0.9 for 0 mis-weights agents silently; the agent must say which it was.
+    with pytest.raises(ValueError, match="local_momentum"):
+        create("fednova").aggregate(glob([0]), [upd([1], metrics={"local_steps": 5})])
+    for bad in (1.0, -0.1, math.nan):
+        with pytest.raises(ValueError, match="local_momentum"):
+            create("fednova").aggregate(
+                glob([0]), [upd([1], metrics={"local_steps": 5, "local_momentum": bad})]
+            )
 
 
 def test_fedcurv_sums_fisher_terms() -> None:

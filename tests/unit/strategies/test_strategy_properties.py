@@ -73,7 +73,7 @@ def make_update(vector: np.ndarray, index: int, num_samples: int, steps: int = 3
         num_samples=num_samples,
         agent_id=f"agent-{index:02d}",
         base_round=index % 3,
-        metrics={"local_steps": float(steps)},
+        metrics={"local_steps": float(steps), "local_momentum": 0.9},
         extras=extras,
     )
 

@@ -1,0 +1,117 @@
+"""FedNova against an independent numpy reference written from its paper.
+
+The reference below uses the paper's definition directly (||a_i||_1 as the sum of its
+coefficients) and shares no code with fedloop.strategies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+from fedloop.strategies import Update, create
+from fedloop.strategies.fednova import normalizer
+
+# --- references ---------------------------------------------------------------------------------
+
+
+def fednova_a(tau: int, rho: float) -> float:
+    """Wang et al. 2020, momentum SGD: a_{i,k} = sum_{j=0}^{tau-1-k} rho^j; return ||a_i||_1."""
+    return float(sum(sum(rho**j for j in range(tau - k)) for k in range(tau)))
+
+
+def fednova_reference(
+    x: np.ndarray, ys: Sequence[np.ndarray], ns: Sequence[int], a: Sequence[float]
+) -> np.ndarray:
+    """x - tau_eff sum_i p_i (x - y_i) / a_i with tau_eff = sum_i p_i a_i, p_i = n_i / n."""
+    p = np.array(ns, dtype=np.float64) / sum(ns)
+    tau_eff = sum(pi * ai for pi, ai in zip(p, a, strict=True))
+    d = sum(pi * (x - y) / ai for pi, y, ai in zip(p, ys, a, strict=True))
+    return np.asarray(x - tau_eff * d)
+
+
+def heavy_ball(
+    x: np.ndarray, gradient: np.ndarray, steps: int, lr: float, rho: float
+) -> np.ndarray:
+    """tau steps of SGD with momentum as PyTorch runs it (buffer from zero, no dampening) on a
+    loss whose gradient is the constant `gradient`."""
+    buffer = np.zeros_like(x)
+    for _ in range(steps):
+        buffer = rho * buffer + gradient
+        x = x - lr * buffer
+    return x
+
+
+# --- FedNova ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tau", [1, 2, 7, 50])
+@pytest.mark.parametrize("rho", [0.0, 0.5, 0.9, 0.99])
+def test_fednova_normaliser_is_the_papers_sum(tau: int, rho: float) -> None:
+    assert normalizer(tau, rho) == pytest.approx(fednova_a(tau, rho), rel=1e-12)
+
+
+def test_momentum_sgd_moves_by_lr_times_the_normaliser() -> None:
+    # What ties a_i to the optimizer: tau heavy-ball steps on a constant gradient g move by
+    # lr * ||a||_1 * g, so the normaliser of an agent that ran momentum 0.9 is ~10x tau.
+    g = np.array([1.0, -2.0])
+    y = heavy_ball(np.zeros(2), g, 20, 0.01, 0.9)
+    assert_allclose(-y, 0.01 * fednova_a(20, 0.9) * g, rtol=1e-12)
+    torch = pytest.importorskip("torch")
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    optimizer = torch.optim.SGD([p], lr=0.01, momentum=0.9)  # TorchClassifier's optimizer
+    for _ in range(20):
+        optimizer.zero_grad()
+        (p * torch.tensor(g)).sum().backward()
+        optimizer.step()
+    assert_allclose(p.detach().numpy(), y, rtol=1e-12)
+
+
+def test_fednova_with_momentum_weighs_unequal_step_counts_as_the_paper() -> None:
+    # The audit's case: A takes 5 steps along e1, B 50 along e2, both momentum 0.9, equal n.
+    # The paper normalises each agent's progress by its own ||a_i||_1, so both directions get
+    # the same weight; normalising by tau_i (momentum taken for 0) favours B about 3:1.
+    x = np.zeros(2)
+    ys = [
+        heavy_ball(x, np.array([1.0, 0.0]), 5, 0.01, 0.9),
+        heavy_ball(x, np.array([0.0, 1.0]), 50, 0.01, 0.9),
+    ]
+    updates = [
+        Update({"w": y}, 100, agent, 0, metrics={"local_steps": steps, "local_momentum": 0.9})
+        for y, agent, steps in zip(ys, "AB", [5, 50], strict=True)
+    ]
+    got = create("fednova").aggregate({"w": x}, updates)["w"]
+    expected = fednova_reference(x, ys, [100, 100], [fednova_a(5, 0.9), fednova_a(50, 0.9)])
+    assert_allclose(got, expected, rtol=1e-12)
+    assert_allclose(got[0], got[1], rtol=1e-12)
+    as_plain_sgd = fednova_reference(x, ys, [100, 100], [5, 50])
+    assert abs(as_plain_sgd[1] / as_plain_sgd[0]) > 2.5
+
+
+def test_fednova_matches_the_reference_on_random_agents() -> None:
+    rng = np.random.default_rng(7)
+    x = {"a": rng.standard_normal((3, 4)), "b": rng.standard_normal(5).astype(np.float32)}
+    taus = [1, 3, 12, 40, 7]
+    rhos = [0.0, 0.9, 0.5, 0.99, 0.0]
+    ns = [5, 60, 13, 200, 1]
+    updates = [
+        Update(
+            {k: (v + rng.standard_normal(v.shape)).astype(v.dtype) for k, v in x.items()},
+            n,
+            f"agent-{i}",
+            0,
+            metrics={"local_steps": float(tau), "local_momentum": rho},
+        )
+        for i, (tau, rho, n) in enumerate(zip(taus, rhos, ns, strict=True))
+    ]
+    got = create("fednova").aggregate(x, updates)
+    a = [fednova_a(t, r) for t, r in zip(taus, rhos, strict=True)]
+    for key in x:
+        ys = [u.weights[key].astype(np.float64) for u in updates]
+        expected = fednova_reference(x[key].astype(np.float64), ys, ns, a)
+        assert got[key].dtype == x[key].dtype
+        rtol = 1e-12 if x[key].dtype == np.float64 else 1e-6
+        assert_allclose(got[key], expected, rtol=rtol, atol=rtol)
