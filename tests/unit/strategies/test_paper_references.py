@@ -1,7 +1,8 @@
-"""FedNova against an independent numpy reference written from its paper.
+"""FedNova and FedBuff against independent numpy references written from their papers.
 
-The reference below uses the paper's definition directly (||a_i||_1 as the sum of its
-coefficients) and shares no code with fedloop.strategies.
+The references below use the papers' definitions directly (FedNova's ||a_i||_1 as the sum of
+its coefficients, FedBuff's sum of staleness-scaled deltas over K) and share no code with
+fedloop.strategies.
 """
 
 from __future__ import annotations
@@ -43,6 +44,23 @@ def heavy_ball(
         buffer = rho * buffer + gradient
         x = x - lr * buffer
     return x
+
+
+def fedbuff_reference(
+    x: np.ndarray,
+    ys: Sequence[np.ndarray],
+    bases: Sequence[np.ndarray],
+    staleness: Sequence[int],
+    server_lr: float,
+    sqrt_scaling: bool,
+) -> np.ndarray:
+    """Nguyen et al. 2022, Algorithm 1: x + eta_g * (1/K) sum_i s_i (y_i - x_{base_i}), s_i = 1
+    or 1/sqrt(1 + staleness_i)."""
+    total = np.zeros_like(x)
+    for y, base, st in zip(ys, bases, staleness, strict=True):
+        s = 1.0 / np.sqrt(1.0 + st) if sqrt_scaling else 1.0
+        total = total + s * (y - base)
+    return np.asarray(x + server_lr * total / len(ys))
 
 
 # --- FedNova ------------------------------------------------------------------------------------
@@ -114,4 +132,52 @@ def test_fednova_matches_the_reference_on_random_agents() -> None:
         expected = fednova_reference(x[key].astype(np.float64), ys, ns, a)
         assert got[key].dtype == x[key].dtype
         rtol = 1e-12 if x[key].dtype == np.float64 else 1e-6
+        assert_allclose(got[key], expected, rtol=rtol, atol=rtol)
+
+
+# --- FedBuff ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("params", "sqrt_scaling"),
+    [
+        ({}, False),
+        ({"server_lr": 0.7}, False),
+        ({"server_lr": 1.3, "staleness": "polynomial"}, True),  # a = 0.5 by default
+    ],
+)
+def test_fedbuff_matches_the_reference_with_stale_updates(
+    params: dict[str, object], sqrt_scaling: bool
+) -> None:
+    rng = np.random.default_rng(3)
+    t = 5  # the current global model; history[r] is global model r
+    history = [
+        {"a": rng.standard_normal((2, 3)), "b": rng.standard_normal(4).astype(np.float32)}
+        for _ in range(t + 1)
+    ]
+    base_rounds = [5, 0, 3, 3, 4, 1]
+    updates = [
+        Update(
+            {k: (v + rng.standard_normal(v.shape)).astype(v.dtype) for k, v in history[r].items()},
+            int(rng.integers(1, 100)),  # FedBuff's mean ignores num_samples
+            f"agent-{i}",
+            r,
+            # the current global model needs no copy; the aggregator passes only older ones
+            base_weights=None if r == t else history[r],
+        )
+        for i, r in enumerate(base_rounds)
+    ]
+    s = create("fedbuff", buffer_size=len(updates), **params)
+    got = s.aggregate(history[t], updates, server_round=t)
+    for key in history[t]:
+        expected = fedbuff_reference(
+            history[t][key].astype(np.float64),
+            [u.weights[key].astype(np.float64) for u in updates],
+            [history[r][key].astype(np.float64) for r in base_rounds],
+            [t - r for r in base_rounds],
+            float(params.get("server_lr", 1.0)),  # type: ignore[arg-type]
+            sqrt_scaling,
+        )
+        assert got[key].dtype == history[t][key].dtype
+        rtol = 1e-12 if history[t][key].dtype == np.float64 else 1e-6
         assert_allclose(got[key], expected, rtol=rtol, atol=rtol)
