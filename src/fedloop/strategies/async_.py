@@ -106,8 +106,9 @@ class FedBuff(Strategy):
     ``base_round`` tau_i), so each delta is the agent's own progress and a stale one adds to
     the progress made since its base instead of undoing it (Nguyen et al. 2022, Algorithm 1).
     The aggregator passes x_{tau_i} of a stale update as ``Update.base_weights``; an update
-    trained on the current global model needs none. K = buffer_size; the mean is unweighted
-    by num_samples and divides by K, as in the paper. s is the staleness weight (as FedAsync's,
+    trained on the current global model needs none. K is the number of updates (buffer_size,
+    or fewer when a deadline flushes the buffer); the mean is unweighted by num_samples and
+    divides by K, not by the sum of s, as in the paper. s is the staleness weight (as FedAsync's,
     with staleness t - tau_i): ``"constant"`` 1 by default, ``"polynomial"`` (staleness + 1)^-a,
     which with the default a = 0.5 is the paper's 1/sqrt(1 + staleness), or ``"hinge"``.
     """

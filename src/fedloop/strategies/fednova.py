@@ -10,8 +10,9 @@ new optimizer). a_i is ||a_i||_1 of the paper: tau_i for plain SGD, and for mome
 (the server learning rate is 1; agents' proximal terms are not modelled in a_i).
 
 Both metrics are required: an update without ``local_momentum`` is refused rather than taken
-as plain SGD, because a momentum of 0.9 taken for 0 gives a_i = tau_i instead of about 10 tau_i
-and silently mis-weights agents whose step counts differ (docs/decisions/0012).
+as plain SGD, because a momentum of 0.9 taken for 0 gives a_i = tau_i instead of up to 10 tau_i
+(2.6 tau_i at 5 steps, 9.3 tau_i at 128) and silently mis-weights agents whose step counts
+differ (docs/decisions/0012).
 """
 
 from __future__ import annotations
