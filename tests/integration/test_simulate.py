@@ -13,6 +13,7 @@ import typer
 from typer.testing import CliRunner
 
 from fedloop.errors import ConfigError
+from fedloop.protocol import codec
 from fedloop.sim import (
     AgentFailed,
     LocalBackend,
@@ -23,6 +24,7 @@ from fedloop.sim import (
     sample_agents,
 )
 from fedloop.sim.cli import simulate
+from fedloop.store.blobs import BlobStore
 from fedloop.store.db import Store, database_url
 from fedloop.types import Weights
 
@@ -94,8 +96,51 @@ def test_sampled_agents_train_on_worker_processes_and_the_rounds_are_stored(
         assert sorted(names[a] for a in model.contributors) == [f"sim-{i:06d}" for i in chosen]
     assert models[-1].metrics["accuracy"] > 0.8  # the aggregator's own evaluation
     assert result.rounds[-1].global_metrics == models[-1].metrics
-    assert set(result.rounds[-1].local_metrics_mean) == {"loss", "accuracy"}
+    assert set(result.rounds[-1].local_metrics_mean) == {
+        "loss",
+        "accuracy",
+        "local_steps",
+        "local_momentum",
+    }
     assert result.worker_peak_rss_mb > 0 and result.driver_peak_rss_mb > 0
+
+
+def test_fednova_runs_on_the_logreg_agents_with_their_own_step_counts(tmp_path: Path) -> None:
+    # The synthetic agents hold 32..96 samples, so their plain-SGD step counts differ: each
+    # global model is the paper's x - tau_eff sum_i p_i (x - y_i) / tau_i of the stored models.
+    settings = SimSettings(
+        LOGREG, num_agents=4, rounds=2, data_dir=tmp_path / "run", evaluate=False,
+        strategy="fednova", keep_local_models=True,
+    )  # fmt: skip
+    run(settings, LocalBackend(workers=1, pool="thread"))
+    store = Store(database_url(tmp_path / "run", None))
+    blobs = BlobStore(tmp_path / "run" / "blobs")
+
+    def weights(model_id: str) -> dict[str, np.ndarray]:
+        return {k: v.astype(np.float64) for k, v in codec.decode(blobs.get(model_id)).items()}
+
+    try:
+        models = store.global_models()
+        assert [m.round for m in models] == [0, 1, 2]
+        for r in (1, 2):
+            rows = store.local_models(r)
+            assert len(rows) == 4
+            taus = [row.metrics["local_steps"] for row in rows]
+            # one epoch of mini-batches of 16, plain SGD
+            assert taus == [float(-(-row.num_samples // 16)) for row in rows]
+            assert all(row.metrics["local_momentum"] == 0.0 for row in rows)
+            assert len(set(taus)) > 1
+            p = np.array([row.num_samples for row in rows], dtype=np.float64)
+            p /= p.sum()
+            x, got = weights(models[r - 1].model_id), weights(models[r].model_id)
+            ys = [weights(row.model_id) for row in rows]
+            tau_eff = float(p @ np.array(taus))
+            for key in x:
+                parts = zip(p, ys, taus, strict=True)
+                d = sum(pi * (x[key] - y[key]) / tau for pi, y, tau in parts)
+                np.testing.assert_allclose(got[key], x[key] - tau_eff * d, rtol=1e-5, atol=1e-6)
+    finally:
+        store.close()
 
 
 def test_threads_and_processes_give_the_same_global_model(tmp_path: Path) -> None:

@@ -207,8 +207,8 @@ def test_fedbuff_buffer_survives_a_kill_and_refuses_duplicates(make_server: Any)
     assert refused.value.code == "duplicate_upload"
     client.upload(ids[0], 2, model(5.0), 10)
     client.upload(ids[1], 2, model(6.0), 10)
-    # FedBuff with server_lr 1 is the plain mean of the buffer, whatever the staleness
-    np.testing.assert_allclose(client.global_model(2)["w"], 5.0)
+    # each delta against the agent's own base model: 3 + mean(4 - 0, 5 - 3, 6 - 3)
+    np.testing.assert_allclose(client.global_model(2)["w"], 6.0)
     with opened(server.data_dir) as (store, _):
         rows = store.local_models(2)
         assert sorted((r.agent_id, r.base_round) for r in rows) == sorted(
@@ -235,8 +235,85 @@ def test_fedbuff_agents_wait_for_the_global_model_their_upload_goes_into(
             assert model is not None
             contributors = [row for row in rows if row.agent_id in model.contributors]
             assert len(contributors) == len(rows) == len(model.contributors) == 2
-            mean = np.mean([_weights(blobs, row)["w"] for row in contributors], axis=0)
-            np.testing.assert_allclose(globals_[r]["w"], mean, rtol=1e-6)
+            # x_r = x_{r-1} + mean(y_i - x_{base_i}): each agent's progress on its own base
+            expected = _fedbuff_reference(globals_, r, blobs, contributors)
+            for key, value in expected.items():
+                np.testing.assert_allclose(globals_[r][key], value, rtol=1e-6, atol=1e-6)
     for i in range(3):
         log = (server.root / f"a{i}.log").read_text()
         assert "Traceback" not in log, log
+
+
+def _fedbuff_reference(
+    globals_: dict[int, Weights],
+    r: int,
+    blobs: BlobStore,
+    rows: list[LocalModelRow],
+    server_lr: float = 1.0,
+    sqrt_staleness: bool = False,
+) -> dict[str, np.ndarray]:
+    """Nguyen et al. 2022: x_r = x_{r-1} + lr/K sum_i s_i (y_i - x_{base_i}), in float64, from
+    the stored global and local models; s_i = 1/sqrt(1 + staleness) or 1."""
+    x = globals_[r - 1]
+    out = {}
+    for key in x:
+        total = np.zeros(x[key].shape)
+        for row in rows:
+            staleness = (r - 1) - row.base_round
+            s = 1 / np.sqrt(1 + staleness) if sqrt_staleness else 1.0
+            y = _weights(blobs, row)[key].astype(np.float64)
+            total += s * (y - globals_[row.base_round][key].astype(np.float64))
+        out[key] = x[key].astype(np.float64) + server_lr * total / len(rows)
+    return out
+
+
+@pytest.mark.parametrize("staleness", ["constant", "polynomial"])
+def test_fedbuff_takes_a_stale_delta_against_its_base_model_across_a_restart(
+    make_server: Any, staleness: str
+) -> None:
+    strategy: dict[str, Any] = {"name": "fedbuff", "buffer_size": 2, "server_lr": 0.8}
+    if staleness != "constant":  # the default
+        strategy["staleness"] = staleness  # a = 0.5: the paper's 1/sqrt(1 + staleness)
+    server: Server = make_server(rounds=3, strategy=strategy)
+    client = AggregatorClient(server.url)
+    start = {k: v + 0.5 for k, v in ZEROS.items()}  # global model 0
+    ids = [client.register("a0", start).agent_id]
+    ids += [client.register(f"a{i}", ZEROS).agent_id for i in (1, 2)]
+
+    def moved(base: Weights, step: float) -> bytes:
+        return codec.encode({k: (v + step).astype(v.dtype) for k, v in base.items()})
+
+    g0 = client.global_model(0)
+    client.upload(ids[0], 1, moved(g0, 1.0), 10)
+    client.upload(ids[1], 1, moved(g0, 3.0), 10)  # global model 1: 0.5 + 0.8 * 2
+    g1 = client.global_model(1)
+    np.testing.assert_allclose(g1["w"], 2.1, rtol=1e-6)
+    # a2 trained on global model 0 too, slower: its upload goes into global model 2's buffer
+    reply = client.upload(ids[2], 1, moved(g0, 1.0), 10)
+    assert (reply.round, reply.uploads) == (2, 1)
+
+    server.kill()  # the stale upload is committed in the buffer, not aggregated
+    client.close()
+    server.start()
+    client = AggregatorClient(server.url)
+    status = client.status()
+    assert (status.round, status.uploads, status.global_round) == (2, 1, 1)
+
+    client.upload(ids[0], 2, moved(g1, 2.0), 10)  # fills the buffer: global model 2
+    # a2 moved +1 from global 0, a0 +2 from global 1: 2.1 + 0.8 * (s * 1 + 2) / 2, where the
+    # plain mean of the buffer (deltas against global 1) would give 2.1 + 0.8 * (-0.1 + 2) / 2
+    s = 1 / np.sqrt(2) if staleness == "polynomial" else 1.0
+    np.testing.assert_allclose(client.global_model(2)["w"], 2.1 + 0.4 * (s + 2), rtol=1e-6)
+    client.close()
+
+    with opened(server.data_dir) as (store, blobs):
+        globals_ = _globals(store, blobs)
+        rows = store.local_models(2)
+        assert sorted((row.agent_id, row.base_round) for row in rows) == sorted(
+            [(ids[2], 0), (ids[0], 1)]
+        )
+        expected = _fedbuff_reference(
+            globals_, 2, blobs, rows, server_lr=0.8, sqrt_staleness=staleness == "polynomial"
+        )
+        for key, value in expected.items():
+            np.testing.assert_allclose(globals_[2][key], value, rtol=1e-6, atol=1e-6)

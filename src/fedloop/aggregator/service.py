@@ -20,7 +20,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -1083,7 +1083,7 @@ class Aggregator:
             self.global_model.weights,
             [self.running.as_update(self.global_round, like=like, out=out)]
             if self.streams
-            else updates,
+            else self._with_base_models(updates),
             server_round=self.global_round if self.asynchronous else self.round,
         )
         new = {
@@ -1142,6 +1142,29 @@ class Aggregator:
         self.round += 1
         self.round_started = now
         self.closing = False
+
+    def _with_base_models(self, updates: list[Update]) -> list[Update]:
+        """Return the updates, each stale one given the global model it was trained on
+        (`Update.base_weights`) when the strategy takes deltas against it (FedBuff).
+
+        The stored global models are read here, once per distinct older base round, and
+        dropped with these copies after the aggregation: O(model) per distinct base round,
+        only while aggregating. Nothing is kept with the buffer, so uploads that a restart
+        reloads (`_load`) need nothing more than their rows' base_round.
+        """
+        if not self.strategy.needs_base_models:
+            return updates
+        current = self.global_round
+        bases: dict[int, Weights] = {}
+        for base_round in sorted({u.base_round for u in updates} - {current}):
+            row = self.store.global_model(base_round)
+            if row is None:
+                raise RuntimeError(f"global model {base_round} is not in the store")
+            bases[base_round] = codec.decode(self.blobs.get(row.model_id))
+        return [
+            replace(u, base_weights=bases[u.base_round]) if u.base_round in bases else u
+            for u in updates
+        ]
 
     def _announce(self) -> None:
         message = PushMessage(round=self.global_round, finished=self.finished)

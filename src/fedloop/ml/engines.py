@@ -115,8 +115,9 @@ class TorchClassifier:
         """Return (trained weights, number of training samples, metrics) after local training.
 
         Metrics: ``loss`` (mean cross-entropy over the samples seen this round),
-        ``local_steps`` (optimizer steps), and ``accuracy`` of the trained model on the test
-        set when the engine has one.
+        ``local_steps`` (optimizer steps) and ``local_momentum`` (the SGD momentum; each
+        round's optimizer starts with an empty momentum buffer), which FedNova needs, and
+        ``accuracy`` of the trained model on the test set when the engine has one.
         """
         epochs = int(config.get("epochs", self.epochs))
         batch_size = int(config.get("batch_size", self.batch_size))
@@ -159,6 +160,7 @@ class TorchClassifier:
         metrics: dict[str, float] = {
             "loss": loss_sum / seen if seen else float("nan"),
             "local_steps": float(steps),
+            "local_momentum": float(self.momentum),
         }
         if self._test is not None:
             metrics["accuracy"] = self._score(*self._test)["accuracy"]

@@ -27,8 +27,9 @@ __all__ = [
     "write_report",
 ]
 
-# Metrics that count work rather than measure quality: tabled, not plotted.
-_NOT_PLOTTED = {"local_steps"}
+# Metrics that describe the local training (its steps, its momentum) rather than measure its
+# quality: tabled, not plotted.
+_NOT_PLOTTED = {"local_steps", "local_momentum"}
 # One figure per metric up to this many; the CSV files hold the rest.
 _MAX_METRIC_PLOTS = 6
 

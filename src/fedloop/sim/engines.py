@@ -81,7 +81,9 @@ class LogRegEngine:
     def train(
         self, weights: Weights, config: Mapping[str, Any]
     ) -> tuple[Weights, int, dict[str, float]]:
-        """Return (trained weights, samples, {"loss", "accuracy"} on the local data after training).
+        """Return (trained weights, samples, metrics): ``loss`` and ``accuracy`` on the local
+        data after training, and ``local_steps`` (mini-batch steps) and ``local_momentum`` (0:
+        plain SGD), which FedNova needs.
 
         ``config`` may override ``epochs`` and ``lr`` and carry ``proximal_mu`` (FedProx).
         """
@@ -93,6 +95,7 @@ class LogRegEngine:
         w0, b0 = w.copy(), b
         rng = np.random.default_rng([self.seed, int(config.get("round", 0))])
         n = len(self.y)
+        steps = 0
         for _ in range(epochs):
             order = rng.permutation(n)
             for start in range(0, n, self.batch_size):
@@ -103,7 +106,9 @@ class LogRegEngine:
                 grad_b = float(err.mean()) + mu * (b - b0)
                 w -= lr * grad_w
                 b -= lr * grad_b
+                steps += 1
         metrics = self._score(w, b, self.x, self.y)
+        metrics.update(local_steps=float(steps), local_momentum=0.0)
         new = {"w": w.astype(np.float32), "b": np.array([b], dtype=np.float32)}
         return new, n, metrics
 

@@ -44,8 +44,11 @@ class Update:
     """One agent's upload: its full local weights (not a delta) and what came with them.
 
     ``extras`` holds side tensors a method needs (SCAFFOLD's control-variate deltas, FedCurv's
-    Fisher diagonals, ...), named with the method's prefix. Equality is identity, since numpy
-    arrays have no single truth value.
+    Fisher diagonals, ...), named with the method's prefix. ``base_weights`` is the global
+    model the agent trained on (global model ``base_round``) when that is not the one passed
+    to ``aggregate``: the aggregator sets it for strategies with ``needs_base_models``, for
+    stale updates only; None otherwise. Equality is identity, since numpy arrays have no
+    single truth value.
     """
 
     weights: Weights
@@ -54,6 +57,7 @@ class Update:
     base_round: int
     metrics: Mapping[str, float] = field(default_factory=dict)
     extras: Weights = field(default_factory=dict)
+    base_weights: Weights | None = None
 
     def __post_init__(self) -> None:
         if self.num_samples < 0:
@@ -73,6 +77,10 @@ class Strategy(ABC):
     streaming: ClassVar[bool] = False
     # True for methods that aggregate whenever buffer_size uploads are in, without rounds.
     asynchronous: ClassVar[bool] = False
+    # True for methods that take each update's delta against the global model it was trained
+    # on (FedBuff): the aggregator loads the stored global model of every older base_round and
+    # passes it as Update.base_weights.
+    needs_base_models: ClassVar[bool] = False
     buffer_size: int = 1
 
     @abstractmethod

@@ -1,12 +1,18 @@
 """FedNova (Wang et al. 2020): normalised averaging of heterogeneous local progress.
 
-Each update's metrics carry ``local_steps`` tau_i and optionally ``local_momentum`` rho (local
-SGD momentum, default 0). a_i is ||a_i||_1 of the paper: tau_i for plain SGD, and for momentum
-SGD [tau_i - rho (1 - rho^tau_i) / (1 - rho)] / (1 - rho). With p_i = n_i / sum n:
+Each update's metrics carry ``local_steps`` tau_i and ``local_momentum`` rho (the local SGD's
+momentum, 0 for plain SGD; its buffer starts at zero each round, as PyTorch's ``SGD`` does for a
+new optimizer). a_i is ||a_i||_1 of the paper: tau_i for plain SGD, and for momentum SGD
+[tau_i - rho (1 - rho^tau_i) / (1 - rho)] / (1 - rho). With p_i = n_i / sum n:
 
     d_i = (x - y_i) / a_i,  tau_eff = sum_i p_i a_i,  x <- x - tau_eff * sum_i p_i d_i
 
 (the server learning rate is 1; agents' proximal terms are not modelled in a_i).
+
+Both metrics are required: an update without ``local_momentum`` is refused rather than taken
+as plain SGD, because a momentum of 0.9 taken for 0 gives a_i = tau_i instead of up to 10 tau_i
+(2.6 tau_i at 5 steps, 9.3 tau_i at 128) and silently mis-weights agents whose step counts
+differ (docs/decisions/0012).
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ def normalizer(local_steps: float, momentum: float = 0.0) -> float:
 
 
 def update_normalizer(update: Update) -> float:
-    """Return a_i from the update's metrics, raising ValueError if local_steps is missing/bad."""
+    """Return a_i from the update's metrics, raising ValueError if local_steps or
+    local_momentum is missing or out of range."""
     if "local_steps" not in update.metrics:
         raise ValueError(
             f"fednova needs metrics['local_steps'] (the local SGD steps) from every agent; "
@@ -51,7 +58,13 @@ def update_normalizer(update: Update) -> float:
         raise ValueError(
             f"agent {update.agent_id!r} sent local_steps={steps}; it must be a positive number"
         )
-    rho = float(update.metrics.get("local_momentum", 0.0))
+    if "local_momentum" not in update.metrics:
+        raise ValueError(
+            f"fednova needs metrics['local_momentum'] (the local SGD momentum, 0 for plain "
+            f"SGD) from every agent, since the normaliser depends on it; agent "
+            f"{update.agent_id!r} sent none: report the optimizer's momentum with local_steps"
+        )
+    rho = float(update.metrics["local_momentum"])
     if not 0.0 <= rho < 1.0:
         raise ValueError(
             f"agent {update.agent_id!r} sent local_momentum={rho}; it must be in [0, 1)"
@@ -66,7 +79,7 @@ def fednova_step(x: Array, ys: Array, fractions: Array, a: Array) -> Array:
 
 
 class FedNova(Strategy):
-    """FedNova: needs metrics["local_steps"] (and optionally "local_momentum") per update."""
+    """FedNova: needs metrics["local_steps"] and metrics["local_momentum"] per update."""
 
     name = "fednova"
 

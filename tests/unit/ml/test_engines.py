@@ -19,6 +19,7 @@ from fedloop.ml.engines import (  # noqa: E402
     mnist_engine,
 )
 from fedloop.ml.models import Net, PaperCNN  # noqa: E402
+from fedloop.strategies import Update, create  # noqa: E402
 from fedloop.types import Weights  # noqa: E402
 
 MNIST = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "mnist"
@@ -52,11 +53,36 @@ def test_train_returns_weights_samples_and_metrics() -> None:
     assert n == engine.num_samples == 479  # 1,437 training digits / 3
     assert set(weights) == set(w0)
     assert all(weights[k].shape == w0[k].shape and weights[k].dtype == w0[k].dtype for k in w0)
-    assert set(metrics) == {"loss", "accuracy", "local_steps"}
+    assert set(metrics) == {"loss", "accuracy", "local_steps", "local_momentum"}
     assert metrics["local_steps"] == 15  # ceil(479 / 32) for one epoch
+    # FedNova's normaliser needs the momentum the optimizer ran with (SGD's 0.9 by default)
+    assert metrics["local_momentum"] == engine.momentum == 0.9
     assert 0.0 <= metrics["accuracy"] <= 1.0 and np.isfinite(metrics["loss"])
     assert engine.train(w0, {"epochs": 2})[2]["local_steps"] == 30
     assert set(engine.evaluate(weights, {})) == {"accuracy", "loss"}
+
+
+def test_fednova_normalises_the_engines_momentum_sgd_as_the_paper() -> None:
+    # Two agents run 15 and 45 steps of SGD with momentum 0.9 from the same global model.
+    # FedNova must divide each one's progress by ||a_i||_1 of momentum SGD (Wang et al. 2020,
+    # the sum of a_{i,k} = sum_{j <= tau-1-k} rho^j), not by tau_i as for plain SGD.
+    w0 = digits_initial_weights(0)
+    agents = [digits_engine(0, 3, seed=0, epochs=1), digits_engine(1, 3, seed=0, epochs=3)]
+    results = [agent.train(w0, {"round": 0}) for agent in agents]
+    updates = [Update(w, n, f"a{i}", 0, metrics=m) for i, (w, n, m) in enumerate(results)]
+    got = create("fednova").aggregate(w0, updates)
+
+    taus = [int(m["local_steps"]) for _, _, m in results]
+    assert taus == [15, 45]
+    a = [sum(sum(0.9**j for j in range(tau - k)) for k in range(tau)) for tau in taus]
+    p = np.array([n for _, n, _ in results], dtype=np.float64)
+    p /= p.sum()
+    tau_eff = float(p @ np.array(a))
+    for key, x in w0.items():
+        x64 = x.astype(np.float64)
+        d = sum(pi * (x64 - w[key].astype(np.float64)) / ai for pi, (w, _, _), ai in
+                zip(p, results, a, strict=True))  # fmt: skip
+        np.testing.assert_allclose(got[key], x64 - tau_eff * d, rtol=1e-5, atol=1e-6)
 
 
 def test_training_is_deterministic_for_a_seed() -> None:

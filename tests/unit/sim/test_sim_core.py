@@ -96,7 +96,7 @@ def test_train_agent_returns_encoded_weights_and_keeps_nothing() -> None:
     engine = build_engine(spec, 3)
     result = train_agent(spec, 3, engine.initial_weights(), {"round": 1})
     assert result.index == 3 and result.num_samples > 0
-    assert set(result.metrics) == {"loss", "accuracy"}
+    assert set(result.metrics) == {"loss", "accuracy", "local_steps", "local_momentum"}
     assert result.data[:8] != b"" and result.worker_rss_mb > 0
 
 

@@ -148,8 +148,8 @@ def test_scaffold_needs_control_deltas() -> None:
 
 def test_fednova_normalised_averaging() -> None:
     updates = [
-        upd([2], n=1, agent="a", metrics={"local_steps": 2}),
-        upd([3], n=3, agent="b", metrics={"local_steps": 6}),
+        upd([2], n=1, agent="a", metrics={"local_steps": 2, "local_momentum": 0}),
+        upd([3], n=3, agent="b", metrics={"local_steps": 6, "local_momentum": 0}),
     ]
     out = create("fednova").aggregate(glob([0]), updates)
     # p = [1/4, 3/4]; d = [-2/2, -3/6] = [-1, -0.5]; tau_eff = 0.5 + 4.5 = 5
@@ -169,7 +169,18 @@ def test_fednova_momentum_normalizer() -> None:
 
 def test_fednova_needs_local_steps() -> None:
     with pytest.raises(ValueError, match="local_steps"):
-        create("fednova").aggregate(glob([0]), [upd([1])])
+        create("fednova").aggregate(glob([0]), [upd([1], metrics={"local_momentum": 0})])
+
+
+def test_fednova_refuses_an_unknown_momentum_rather_than_assume_plain_sgd() -> None:
+    # Taking momentum 0.9 for 0 mis-weights agents silently; the agent must say which it was.
+    with pytest.raises(ValueError, match="local_momentum"):
+        create("fednova").aggregate(glob([0]), [upd([1], metrics={"local_steps": 5})])
+    for bad in (1.0, -0.1, math.nan):
+        with pytest.raises(ValueError, match="local_momentum"):
+            create("fednova").aggregate(
+                glob([0]), [upd([1], metrics={"local_steps": 5, "local_momentum": bad})]
+            )
 
 
 def test_fedcurv_sums_fisher_terms() -> None:
@@ -319,7 +330,38 @@ def test_fedasync_applies_updates_in_order() -> None:
 
 def test_fedbuff() -> None:
     s = create("fedbuff", buffer_size=2, server_lr=0.5)
-    assert s.asynchronous and s.buffer_size == 2
-    # mean(y - x) = mean(2, 4) = 3 ; x = 1 + 0.5 * 3
-    out = s.aggregate(glob([1]), [upd([3], agent="a"), upd([5], agent="b", n=100)])
-    assert_allclose(out["w"], [2.5])
+    assert s.asynchronous and s.buffer_size == 2 and s.needs_base_models
+    # both trained on the current global model: mean(y - x) = mean(2, 4) = 3 ; x = 1 + 0.5 * 3
+    updates = [upd([3], agent="a"), upd([5], agent="b", n=100)]
+    assert_allclose(s.aggregate(glob([1]), updates, server_round=0)["w"], [2.5])
+    with pytest.raises(ValueError, match="server_round"):
+        s.aggregate(glob([1]), updates)
+
+
+def test_fedbuff_takes_a_stale_delta_against_its_base_model() -> None:
+    # The audit's case: global 0 was 0, global 1 is 10; two agents trained on global 0 and
+    # each moved +1. Their progress is added to global 1: 10 + mean(1, 1), not mean(y) = 1.
+    s = create("fedbuff", buffer_size=2)
+    stale = [
+        Update({"w": np.array([1.0])}, 1, agent, 0, base_weights={"w": np.array([0.0])})
+        for agent in ("a", "b")
+    ]
+    assert_allclose(s.aggregate(glob([10]), stale, server_round=1)["w"], [11])
+    # without its base model a stale update is refused, not measured against global 1
+    with pytest.raises(ValueError, match="base_weights"):
+        s.aggregate(glob([10]), [upd([1], agent="a", base_round=0)], server_round=1)
+    with pytest.raises(ValueError, match="round 2"):
+        s.aggregate(glob([10]), [upd([1], base_round=2)], server_round=1)
+    wrong = Update({"w": np.array([1.0])}, 1, "a", 0, base_weights={"w": np.zeros(2)})
+    with pytest.raises(ValueError, match="shape"):
+        s.aggregate(glob([10]), [wrong], server_round=1)
+
+
+def test_fedbuff_paper_staleness_scaling() -> None:
+    s = create("fedbuff", buffer_size=2, staleness="polynomial")  # a = 0.5: 1/sqrt(1 + st)
+    updates = [
+        Update({"w": np.array([4.0])}, 1, "a", 2, base_weights={"w": np.array([2.0])}),
+        upd([12], agent="b", base_round=5),
+    ]
+    # a: staleness 3, delta 2 -> 2/2 = 1 ; b: fresh, delta 2 -> 2 ; x = 10 + (1 + 2) / 2
+    assert_allclose(s.aggregate(glob([10]), updates, server_round=5)["w"], [11.5])

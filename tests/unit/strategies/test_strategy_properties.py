@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -73,7 +74,7 @@ def make_update(vector: np.ndarray, index: int, num_samples: int, steps: int = 3
         num_samples=num_samples,
         agent_id=f"agent-{index:02d}",
         base_round=index % 3,
-        metrics={"local_steps": float(steps)},
+        metrics={"local_steps": float(steps), "local_momentum": 0.9},
         extras=extras,
     )
 
@@ -84,6 +85,8 @@ def weights_vector(weights: dict[str, np.ndarray]) -> np.ndarray:
 
 def run(name: str, params: dict[str, Any], g: np.ndarray, updates: list[Update]) -> np.ndarray:
     strategy: Strategy = create(name, **params)
+    if strategy.needs_base_models:  # FedBuff: no global model moved since the updates' bases
+        updates = [replace(u, base_weights=to_weights(g)) for u in updates]
     return weights_vector(strategy.aggregate(to_weights(g), updates, server_round=5))
 
 

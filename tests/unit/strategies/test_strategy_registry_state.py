@@ -60,7 +60,7 @@ def updates_for(seed: int, n: int = 7) -> list[Update]:
                 num_samples=10 + i,
                 agent_id=f"a{i}",
                 base_round=1,
-                metrics={"local_steps": 2.0 + i},
+                metrics={"local_steps": 2.0 + i, "local_momentum": 0.5},
                 extras=extras,
             )
         )
