@@ -115,3 +115,49 @@ def test_agent_killed_mid_training_resumes(
     assert server.status()["registered_agents"] == 3  # the restarted agent kept its id
     assert_globals_are_weighted_means(server.data_dir, 2)
     assert marker.read_text().split() == ["1"]  # killed once, in round 1
+
+
+def _rounds(server: Server, client: AggregatorClient, ids: list[str], rounds: range) -> None:
+    """Both agents upload each round; wait for its global model."""
+    for r in rounds:
+        for i, agent_id in enumerate(ids):
+            client.upload(agent_id, r, _model(float(r + i)), 10)
+        server.wait_for(lambda s, r=r: s["global_round"] == r)
+
+
+def test_rounds_raised_after_the_run_finished_opens_the_next_round(make_server: Any) -> None:
+    """The operator raises `rounds` of a finished run and restarts: the next round opens then,
+    with its row in the store, so its deadline starts then and an upload acknowledged in it
+    survives a kill (docs/faults.md, guarantee 5)."""
+    server: Server = make_server(rounds=2, round_timeout=600)
+    client = AggregatorClient(server.url)
+    ids = [client.register(f"site-{i}", GOOD).agent_id for i in range(2)]
+    _rounds(server, client, ids, range(1, 3))
+    assert server.status()["finished"]
+    client.close()
+
+    server.settings["rounds"] = 3
+    server.stop()
+    restarted = time.time()
+    server.start()
+    status = server.status()
+    assert (status["round"], status["uploads"], status["finished"]) == (3, 0, False)
+    # Before the fix the round "started" at 0.0 (1970): its deadline was already past.
+    assert 0 < status["deadline_in"] <= 600
+    client = AggregatorClient(server.url)
+    client.upload(ids[0], 3, _model(1.0), 10)
+    server.kill()
+    client.close()
+    server.start()
+    client = AggregatorClient(server.url)
+    # Before the fix round 3 had no row: the upload was not reloaded, and its row refused
+    # the agent's re-send as a duplicate, so the round never closed.
+    assert server.status()["uploads"] == 1
+    client.upload(ids[1], 3, _model(3.0), 30)
+    server.wait_for(lambda s: s["finished"])
+    np.testing.assert_allclose(client.global_model(3)["w"], (1.0 * 10 + 3.0 * 30) / 40, rtol=1e-6)
+    client.close()
+    assert_globals_are_weighted_means(server.data_dir, 3)
+    (third,) = [h for h in server.history() if h["round"] == 3]
+    assert third["agents"] == 2
+    assert 0 <= third["seconds"] <= time.time() - restarted  # not seconds since 1970

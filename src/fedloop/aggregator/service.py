@@ -241,6 +241,16 @@ class Aggregator:
                 self.strategy = self._committed_strategy(latest)
             self.finished = bool(self.config.rounds) and latest.round >= self.config.rounds
         opened = self.store.open_round()
+        if opened is None and self.global_model is not None and not self.finished:
+            # `rounds` was raised after the run had finished: no round was opened after the
+            # final global model (commit_global opens none), so open it now, as the start of
+            # the round (its deadline, its `seconds`), and file its uploads under its row.
+            opened = self.store.start_round(self.global_model.round + 1)
+            log.info(
+                "the run goes on after global model %d (rounds = %s)",
+                self.global_model.round,
+                self.config.rounds or "0, no limit",
+            )
         if opened is not None:
             self.round, self.round_started = opened.number, opened.started_at
             for row in self.store.local_models(opened.number):
@@ -260,7 +270,7 @@ class Aggregator:
                         metrics=dict(row.metrics),
                     )
                 )
-        elif self.global_model is not None:
+        elif self.global_model is not None:  # finished: nothing is filed under this round
             self.round = self.global_model.round + 1
         if self.asynchronous:
             for row in self.store.local_models():
