@@ -161,3 +161,38 @@ def test_rounds_raised_after_the_run_finished_opens_the_next_round(make_server: 
     (third,) = [h for h in server.history() if h["round"] == 3]
     assert third["agents"] == 2
     assert 0 <= third["seconds"] <= time.time() - restarted  # not seconds since 1970
+
+
+def test_finished_agents_carry_on_when_rounds_is_raised(
+    make_server: Any, agents: list[subprocess.Popen[bytes]]
+) -> None:
+    """Agents that saw the final global model exit; restarted after the operator raised
+    `rounds`, they learn from their registration that the run goes on, train on the model they
+    hold and finish the longer run (before the fix they exited at once, and the round waited)."""
+    server: Server = make_server(rounds=2, min_agents=2)
+
+    def start_both() -> list[subprocess.Popen[bytes]]:
+        return [
+            start_agent(server, "a0", "engines:ShiftEngine", "--set", "offset=1"),
+            start_agent(
+                server, "a1", "engines:ShiftEngine", "--mode", "poll", "--set", "offset=2"
+            ),
+        ]
+
+    first = start_both()
+    agents.extend(first)
+    server.wait_for(lambda s: s["finished"], timeout=60)
+    for process in first:
+        assert process.wait(timeout=30) == 0
+    server.settings["rounds"] = 3
+    server.restart()
+    again = start_both()
+    agents.extend(again)
+    server.wait_for(lambda s: s["finished"], timeout=60)
+    for process in again:
+        assert process.wait(timeout=30) == 0
+    assert_globals_are_weighted_means(server.data_dir, 3)
+    for name in ("a0", "a1"):
+        state = json.loads((server.root / name / "state.json").read_text())
+        assert (state["global_round"], state["finished"]) == (3, True)
+        assert state["rounds_trained"] == 3

@@ -198,9 +198,13 @@ class Agent:
             )
             self._start_over()
         elif self.state.finished and not reply.finished:
-            # The operator raised the aggregator's `rounds`: the run goes on.
+            # The operator raised the aggregator's `rounds`: the run goes on. The round now open
+            # is trained on the final global model this agent holds (it waited for none after
+            # it); a newer one, if any, is fetched as usual.
             log.info("the run goes on after global model %d", self.state.global_round)
             self.state.finished = False
+            if self.state.global_round == reply.global_round:
+                self.state.phase = Phase.GM_READY
         self.state.agent_id = reply.agent_id
         self.asynchronous = reply.asynchronous
         self.secure_aggregation = reply.secure_aggregation  # local models go masked
