@@ -196,3 +196,28 @@ def test_finished_agents_carry_on_when_rounds_is_raised(
         state = json.loads((server.root / name / "state.json").read_text())
         assert (state["global_round"], state["finished"]) == (3, True)
         assert state["rounds_trained"] == 3
+
+
+def test_uploads_not_kept_are_dropped_at_a_restart_and_can_be_sent_again(
+    make_server: Any,
+) -> None:
+    """keep_local_models = false: a restart cannot count the open round's uploads. They are
+    dropped, rows included, so the agent's re-send is accepted and the round closes (before
+    the fix the row refused it as a duplicate and the round waited for ever)."""
+    server: Server = make_server(keep_local_models=False)
+    client = AggregatorClient(server.url)
+    ids = [client.register(f"site-{i}", GOOD).agent_id for i in range(2)]
+    client.upload(ids[0], 1, _model(1.0), 10)
+    server.kill()
+    client.close()
+    server.start()
+    client = AggregatorClient(server.url)
+    assert server.status()["uploads"] == 0
+    assert f"the local model of {ids[0]} was not kept" in server.log()
+    assert client.upload(ids[0], 1, _model(1.0), 10).accepted
+    client.upload(ids[1], 1, _model(3.0), 30)
+    server.wait_for(lambda s: s["global_round"] == 1)
+    np.testing.assert_allclose(client.global_model(1)["w"], (1.0 * 10 + 3.0 * 30) / 40, rtol=1e-6)
+    client.close()
+    (first,) = [h for h in server.history() if h["round"] == 1]
+    assert first["agents"] == 2

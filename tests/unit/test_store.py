@@ -146,6 +146,21 @@ def _local(agent_id: str, round_number: int) -> LocalModelRow:
     )
 
 
+def test_dropped_local_models_can_be_filed_again(url: str) -> None:
+    """What a restart does with uploads whose bytes were not kept (keep_local_models off)."""
+    store = Store(url)
+    store.add_agent("a", "site-a")
+    store.add_agent("b", "site-b")
+    store.add_local_models([_local("a", 1), _local("b", 1), _local("a", 2)])
+    dropped = [m.id for m in store.local_models(1) if m.agent_id == "a"]
+    store.drop_local_models(dropped)
+    store.drop_local_models([])
+    assert [(m.agent_id, m.round) for m in store.local_models()] == [("b", 1), ("a", 2)]
+    store.add_local_model(_local("a", 1))  # no duplicate any more
+    assert store.count_local_models() == 3
+    store.close()
+
+
 def test_only_sqlite_writes_inline(url: str) -> None:
     store = Store(url)
     store.add_agent("a", "site-a")

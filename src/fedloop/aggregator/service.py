@@ -253,13 +253,16 @@ class Aggregator:
             )
         if opened is not None:
             self.round, self.round_started = opened.number, opened.started_at
+            dropped: list[int] = []
             for row in self.store.local_models(opened.number):
                 if not self.blobs.exists(row.model_id):  # keep_local_models was off
                     log.warning(
-                        "round %d: the local model of %s was not kept; it is not counted",
+                        "round %d: the local model of %s was not kept; it is dropped, and the "
+                        "agent may send it again",
                         opened.number,
                         row.agent_id,
                     )
+                    dropped.append(row.id)
                     continue
                 self._hold(
                     Update(
@@ -270,6 +273,9 @@ class Aggregator:
                         metrics=dict(row.metrics),
                     )
                 )
+            # Its row goes too: it would refuse the agent's re-send as a duplicate, and the
+            # round would wait for ever for a model it will never count.
+            self.store.drop_local_models(dropped)
         elif self.global_model is not None:  # finished: nothing is filed under this round
             self.round = self.global_model.round + 1
         if self.asynchronous:

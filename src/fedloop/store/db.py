@@ -26,6 +26,7 @@ from sqlalchemy import (
     UniqueConstraint,
     bindparam,
     create_engine,
+    delete,
     event,
     func,
     inspect,
@@ -559,6 +560,18 @@ class Store:
             names = ", ".join(sorted({row.agent_id for row in rows}))
             round_number = rows[0].round if rows else 0
             raise DuplicateUpload(f"{names} already uploaded for round {round_number}") from exc
+
+    def drop_local_models(self, ids: Sequence[int]) -> None:
+        """Delete the local-model rows `ids` (one transaction): models that cannot be counted
+        (their bytes were not kept), so that their agents may send them again."""
+        if not ids:
+            return
+        with self._tx() as session:
+            session.execute(
+                delete(LocalModelRow)
+                .where(LocalModelRow.id.in_(list(ids)))
+                .execution_options(synchronize_session=False)
+            )
 
     def local_models(self, round_number: int | None = None) -> list[LocalModelRow]:
         query = select(LocalModelRow).order_by(LocalModelRow.round, LocalModelRow.id)
