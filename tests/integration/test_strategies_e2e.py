@@ -4,6 +4,7 @@ stored global models recomputed from the stored local models with the paper's fo
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,9 +12,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from harness import Server, start_agent
+from harness import Server, env, start_agent
 
 from fedloop.agent.client import AggregatorClient, Refused
+from fedloop.demo import write_config
 from fedloop.protocol import codec
 from fedloop.store.blobs import BlobStore
 from fedloop.store.db import LocalModelRow, Store, database_url
@@ -317,3 +319,39 @@ def test_fedbuff_takes_a_stale_delta_against_its_base_model_across_a_restart(
         )
         for key, value in expected.items():
             np.testing.assert_allclose(globals_[2][key], value, rtol=1e-6, atol=1e-6)
+
+
+def test_a_round_waits_for_as_many_local_models_as_the_strategy_needs(
+    make_server: Any, tmp_path: Path
+) -> None:
+    """Krum with f = 1 needs 5 local models. With 3 agents, status says so and the round
+    waits, with one sentence in the log at start; before, it showed 3 needed and the
+    aggregation failed with a traceback every retry, for ever."""
+    server: Server = make_server(strategy={"name": "krum", "f": 1})
+    assert "aggregates no fewer than 5 local models" in server.log()
+    client = AggregatorClient(server.url)
+    ids = [client.register(f"site-{i}", ZEROS).agent_id for i in range(3)]
+    replies = [client.upload(a, 1, codec.encode(ZEROS), 10) for a in ids]
+    assert [(r.uploads, r.needed) for r in replies] == [(1, 5), (2, 5), (3, 5)]
+    status = server.status()
+    assert (status["round"], status["uploads"], status["needed"]) == (1, 3, 5)
+    ids += [client.register(f"site-{i}", ZEROS).agent_id for i in (3, 4)]
+    for agent_id in ids[3:]:
+        client.upload(agent_id, 1, codec.encode(ZEROS), 10)
+    server.wait_for(lambda s: s["global_round"] == 1)
+    client.close()
+    assert "Traceback" not in server.log()
+    assert "aggregation of round 1 failed" not in server.log()
+
+    # With fewer agents allowed than the strategy needs, the aggregator does not start.
+    config = tmp_path / "few.toml"
+    write_config(
+        config, 0, tmp_path / "few", max_agents=4, strategy={"name": "bulyan", "f": 1}
+    )
+    refused = subprocess.run(
+        [sys.executable, "-m", "fedloop", "aggregator", "--config", str(config)],
+        capture_output=True, text=True, timeout=60, env=env(),
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert "no fewer than 7 local models, but max_agents = 4" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -28,7 +28,7 @@ import numpy as np
 from fedloop._loading import load_engine
 from fedloop.aggregator.secure import SecureAggregation
 from fedloop.config import AggregatorConfig
-from fedloop.errors import ProtocolError
+from fedloop.errors import ConfigError, ProtocolError
 from fedloop.logs import current_agent, set_round_source
 from fedloop.protocol import codec
 from fedloop.protocol.codec import ModelSpec
@@ -166,6 +166,12 @@ class Aggregator:
         # model after it is current and no download of it is in flight.
         self.global_buffers = BodyPool(PooledBody)
         self.strategy: Strategy = load_strategy(config.strategy.name, **config.strategy.params)
+        if self.strategy.min_updates > config.max_agents:
+            raise ConfigError(
+                f"strategy {self.strategy.name!r} with {config.strategy.params or 'its defaults'} "
+                f"aggregates no fewer than {self.strategy.min_updates} local models, but "
+                f"max_agents = {config.max_agents}: raise max_agents or change its parameters"
+            )
         self.evaluator: Any = (
             load_engine(config.evaluate.engine, **config.evaluate.params)
             if config.evaluate is not None
@@ -213,6 +219,16 @@ class Aggregator:
     async def start(self) -> None:
         """Load the committed state (a restart resumes the same round) and start the clock."""
         await asyncio.to_thread(self._load)
+        least = self.strategy.min_updates
+        if least > self.config.min_agents:
+            log.warning(
+                "strategy %r aggregates no fewer than %d local models: a round waits for %d "
+                "uploads even when aggregation_threshold, min_agents or its deadline would "
+                "close it with fewer",
+                self.strategy.name,
+                least,
+                least,
+            )
         self._ticker = asyncio.create_task(self._tick())
         set_round_source(lambda: self.round or None)
         # Killed after the last upload of a round committed but before its aggregation did.
@@ -305,15 +321,20 @@ class Aggregator:
     def global_round(self) -> int:
         return -1 if self.global_model is None else self.global_model.round
 
+    @property
+    def least(self) -> int:
+        """The fewest local models an aggregation takes: min_agents, or the strategy's own
+        minimum (Krum, Bulyan) when larger, with which its aggregate would fail."""
+        return max(self.config.min_agents, self.strategy.min_updates)
+
     def needed(self) -> int:
+        """Return how many local models close the round (fill the buffer, asynchronous)."""
         if self.asynchronous:
             # An agent waits for a newer global model after each upload, so a buffer larger
             # than the number of agents would never fill; min_agents still bounds it below.
             buffer = min(self.strategy.buffer_size, len(self.agents))
-            return max(1, self.config.min_agents, buffer)
-        return needed_uploads(
-            self.config.aggregation_threshold, len(self.agents), self.config.min_agents
-        )
+            return max(1, self.least, buffer)
+        return needed_uploads(self.config.aggregation_threshold, len(self.agents), self.least)
 
     def status(self) -> StatusResponse:
         timeout = self.config.round_timeout
@@ -1214,7 +1235,7 @@ class Aggregator:
                 and not self.closing
                 and not self.finished
                 and time.time() - self.round_started >= timeout
-                and len(self.pending) >= self.config.min_agents
+                and len(self.pending) >= self.least
             ):
                 self.closing = True
                 self._spawn(self._close_round("deadline"))

@@ -617,6 +617,16 @@ def aggregator_config(settings: SimSettings) -> AggregatorConfig:
     k = settings.per_round
     if settings.rounds < 1:
         raise ConfigError(f"--rounds must be at least 1, got {settings.rounds}")
+    from fedloop.strategies import load as load_strategy
+
+    least = load_strategy(settings.strategy, **settings.strategy_params).min_updates
+    if least > k:
+        # A round would wait for ever: only the k sampled agents train in it.
+        raise ConfigError(
+            f"strategy {settings.strategy!r} aggregates no fewer than {least} local models, "
+            f"and each round samples {k} agents: raise --agents or --fraction, or change its "
+            "parameters"
+        )
     return AggregatorConfig.model_validate(
         {
             "data_dir": settings.data_dir,

@@ -92,6 +92,12 @@ class Strategy(ABC):
     ) -> Weights:
         """Return the new global weights, same keys, order, shapes and dtypes as the old."""
 
+    @property
+    def min_updates(self) -> int:
+        """Return the fewest local models one aggregation can take: 1, unless the method needs
+        more (Krum, Bulyan). The aggregator waits for at least this many before aggregating."""
+        return 1
+
     def round_config(self, server_round: int) -> RoundConfig:
         """Return the settings agents need with this round's global model (none by default)."""
         return {}

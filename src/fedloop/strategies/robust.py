@@ -243,6 +243,10 @@ class Krum(_Flattened):
     def __init__(self, f: int = 1) -> None:
         self.f = param_int(self.name, "f", f, low=0)
 
+    @property
+    def min_updates(self) -> int:
+        return 2 * self.f + 3  # n > 2f + 2 (check_krum)
+
     def _combine(self, points: Array, updates: Sequence[Update]) -> Array:
         # a copy, so the result does not keep the whole (n, d) matrix alive
         return np.array(points[krum_select(points, self.f, 1)[0]], dtype=np.float64)
@@ -260,6 +264,10 @@ class MultiKrum(_Flattened):
         self.f = param_int(self.name, "f", f, low=0)
         self.m = None if m is None else param_int(self.name, "m", m, low=1)
 
+    @property
+    def min_updates(self) -> int:
+        return max(2 * self.f + 3, self.m or 1)  # n > 2f + 2, and m of them kept
+
     def _combine(self, points: Array, updates: Sequence[Update]) -> Array:
         n = points.shape[0]
         m = n - self.f if self.m is None else self.m
@@ -274,6 +282,10 @@ class Bulyan(_Flattened):
 
     def __init__(self, f: int = 1) -> None:
         self.f = param_int(self.name, "f", f, low=0)
+
+    @property
+    def min_updates(self) -> int:
+        return 4 * self.f + 3  # check_bulyan
 
     def _combine(self, points: Array, updates: Sequence[Update]) -> Array:
         return bulyan(points, self.f)

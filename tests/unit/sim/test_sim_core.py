@@ -64,6 +64,17 @@ def test_a_round_closes_exactly_when_the_sampled_agents_are_in(n: int, c: float)
     assert config.rounds == settings.rounds and config.max_agents >= n
 
 
+def test_a_strategy_that_needs_more_local_models_than_a_round_samples_is_refused() -> None:
+    """Krum with f = 1 aggregates no fewer than 5: rounds of 3 sampled agents would wait for
+    ever (before, each round's aggregation failed and was tried again)."""
+    few = SimSettings("fedloop.ml.noop:NoopEngine", 10, fraction=0.3, evaluate=False)
+    few.strategy, few.strategy_params = "krum", {"f": 1}
+    with pytest.raises(ConfigError, match="no fewer than 5 local models.*samples 3 agents"):
+        aggregator_config(few)
+    few.fraction = 0.5
+    assert aggregator_config(few).min_agents == 5
+
+
 def test_the_aggregator_evaluates_with_agent_zeros_engine_when_it_can() -> None:
     with_eval = aggregator_config(SimSettings("fedloop.sim.engines:logreg_engine", 4))
     assert with_eval.evaluate is not None

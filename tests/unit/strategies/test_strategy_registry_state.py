@@ -235,6 +235,33 @@ def test_every_strategy_checks_input_and_keeps_dtypes(name: str) -> None:
         strategy.aggregate(g, [Update({"conv.weight": g["conv.weight"]}, 1, "x", 0)], 1)
 
 
+@pytest.mark.parametrize(
+    ("name", "params", "least"),
+    [
+        ("krum", {"f": 1}, 5),
+        ("krum", {"f": 0}, 3),
+        ("multikrum", {"f": 1}, 5),
+        ("multikrum", {"f": 1, "m": 7}, 7),
+        ("bulyan", {"f": 1}, 7),
+        ("trimmed_mean", {"beta": 0.4}, 1),
+        ("median", {}, 1),
+        ("geometric_median", {}, 1),
+        ("fedavg", {}, 1),
+    ],
+)
+def test_min_updates_is_the_fewest_local_models_aggregate_takes(
+    name: str, params: dict[str, float], least: int
+) -> None:
+    """The aggregator waits for `min_updates` (docs/protocol.md, `needed`): one fewer fails."""
+    strategy = create(name, **params)
+    assert strategy.min_updates == least
+    g = model(0)
+    strategy.aggregate(g, updates_for(1, least), server_round=1)
+    if least > 1:
+        with pytest.raises(ValueError, match="updates"):
+            strategy.aggregate(g, updates_for(1, least - 1), server_round=1)
+
+
 def test_counters_mean_for_averaging_median_for_robust() -> None:
     g = model(0)
     ups = updates_for(1)  # counters 100..106, num_samples 10..16
