@@ -372,6 +372,55 @@ def test_token_commands(make_server: Any, tmp_path: Path) -> None:
     }  # fmt: skip
 
 
+def test_a_revoked_agent_is_out_of_the_run(make_server: Any) -> None:
+    """docs/security.md: `fedloop token revoke` takes an agent out of the run. The running
+    aggregator learns of it from the database, the threshold stops counting the agent, and a
+    round whose other agents are all in closes; a restart keeps it out. Before, the round
+    waited for the revoked agent for ever (threshold 1.0, no deadline)."""
+    server: Server = make_server(auth=True)
+    config = str(server.root / "aggregator.toml")
+    ids, credentials = {}, {}
+    for name in ("a", "b", "c"):
+        ids[name], credentials[name] = _enroll(server, name, MODEL if name == "a" else b"")
+
+    def send(name: str, round_number: int) -> None:
+        client = AggregatorClient(server.url, token=credentials[name])
+        try:
+            client.upload(ids[name], round_number, MODEL, 10)
+        finally:
+            client.close()
+
+    send("a", 1)
+    send("b", 1)
+    assert _cli("token", "revoke", "--name", "c", "--config", config).returncode == 0
+    server.wait_for(lambda s: s["round"] == 2, timeout=30)
+    assert server.status()["needed"] == 2
+    with pytest.raises(Refused) as info:
+        send("c", 2)
+    assert info.value.code == "token_revoked"
+
+    # Revoked after its upload: the upload stays in the round, but no longer counts.
+    send("b", 2)
+    assert _cli("token", "revoke", "--name", "b", "--config", config).returncode == 0
+    status = server.wait_for(lambda s: s["needed"] == 1, timeout=30)
+    assert (status["round"], status["uploads"]) == (2, 0)
+    server.kill()
+    server.start()
+    status = server.status()
+    assert (status["round"], status["uploads"], status["needed"]) == (2, 0, 1)
+    send("a", 2)
+    server.wait_for(lambda s: s["round"] == 3)
+    rounds = _get(server, "/v1/history", _token(server, "x", tokens.ADMIN)).json()["rounds"]
+    assert [h["agents"] for h in rounds] == [0, 2, 2]
+    assert_globals_are_weighted_means(server.data_dir, 2)
+
+    # A new enrollment token lets a revoked agent back in, at once.
+    client = AggregatorClient(server.url, token=_token(server, "c"))
+    client.register("c")
+    client.close()
+    assert server.status()["needed"] == 2
+
+
 def test_deploy_config_turns_auth_on() -> None:
     import tomllib
 

@@ -23,6 +23,7 @@ from sqlalchemy.pool import NullPool
 from fedloop.errors import FedloopError
 from fedloop.store.blobs import BlobStore, BodyPool, HashedBody, PooledBody, blob_id
 from fedloop.store.db import (
+    REVOCATIONS_KEY,
     Base,
     DuplicateUpload,
     GlobalModelRow,
@@ -158,6 +159,30 @@ def test_dropped_local_models_can_be_filed_again(url: str) -> None:
     assert [(m.agent_id, m.round) for m in store.local_models()] == [("b", 1), ("a", 2)]
     store.add_local_model(_local("a", 1))  # no duplicate any more
     assert store.count_local_models() == 3
+    store.close()
+
+
+def test_an_agent_whose_credentials_are_all_revoked_is_revoked(url: str) -> None:
+    """What a running aggregator reads to take revoked agents out of the run."""
+    store = Store(url)
+    store.add_agent("a", "site-a")
+    for name in ("site-a", "site-b"):
+        store.add_token("enrollment", name, f"enroll-{name}")
+    ids = {t.name: t.id for t in store.tokens()}
+    store.enroll(ids["site-a"], "a", "site-a", "cred-a1", now=1.0, new_agent=False)
+    store.enroll(ids["site-b"], "b", "site-b", "cred-b1", now=1.0, new_agent=True)
+    assert store.revoked_agents() == set()
+    assert store.get_meta(REVOCATIONS_KEY) is None
+    store.revoke_tokens("site-b")
+    marker = store.get_meta(REVOCATIONS_KEY)
+    assert store.revoked_agents() == {"b"} and marker is not None
+    store.revoke_tokens("site-b")  # each revocation changes the marker
+    assert store.get_meta(REVOCATIONS_KEY) not in (None, marker)
+    # Enrolled again (a new token, a new credential): back in.
+    store.add_token("enrollment", "site-b", "enroll-b2")
+    again = max(t.id for t in store.tokens() if t.secret_hash == "enroll-b2")
+    store.enroll(again, "b", "site-b", "cred-b2", now=2.0, new_agent=False)
+    assert store.revoked_agents() == set()
     store.close()
 
 

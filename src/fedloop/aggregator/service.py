@@ -45,6 +45,7 @@ from fedloop.protocol.messages import (
 from fedloop.security import tokens
 from fedloop.store.blobs import BlobStore, BodyPool, PooledBody, new_hasher
 from fedloop.store.db import (
+    REVOCATIONS_KEY,
     AgentRow,
     DuplicateUpload,
     GlobalModelRow,
@@ -69,6 +70,9 @@ AGGREGATION_RETRY = (1.0, 30.0)
 # could not be stored: a full disk stays full until someone makes room, and every try sends
 # the whole model again (without it, agents tried every 5 s).
 STORAGE_RETRY_AFTER = 10.0
+# Seconds between looks at whether `fedloop token revoke` (another process, writing to the
+# database) revoked an agent: one read of a meta row, with auth on.
+REVOCATION_CHECK = 1.0
 
 
 # An upload with what checking it gave (its weights and stored blob's id, or the refusal), and
@@ -183,6 +187,9 @@ class Aggregator:
         self.agent_ids: dict[str, str] = {}  # name -> id
         self.last_seen: dict[str, float] = {}
         self.connected: set[str] = set()
+        # Agents `fedloop token revoke` took out of the run (auth on): not counted by `needed`.
+        self.revoked: frozenset[str] = frozenset()
+        self._revocations: Any = None  # the store's REVOCATIONS_KEY when last looked at
         self.round = 0  # the round collecting local models; 0 until the model is registered
         self.round_started = 0.0
         self.global_model: GlobalModel | None = None
@@ -246,6 +253,9 @@ class Aggregator:
             self.agents[agent.id] = agent.name
             self.agent_ids[agent.name] = agent.id
             self.last_seen[agent.id] = agent.last_seen
+        if self.config.auth:
+            self._revocations = self.store.get_meta(REVOCATIONS_KEY)
+            self.revoked = frozenset(a for a in self.store.revoked_agents() if a in self.agents)
         latest = self.store.latest_global()
         if latest is not None:
             data = self.blobs.get(latest.model_id)
@@ -327,14 +337,26 @@ class Aggregator:
         minimum (Krum, Bulyan) when larger, with which its aggregate would fail."""
         return max(self.config.min_agents, self.strategy.min_updates)
 
+    @property
+    def agents_in_run(self) -> int:
+        """Registered agents that are not revoked: those the threshold is a fraction of."""
+        return len(self.agents) - len(self.revoked)
+
     def needed(self) -> int:
         """Return how many local models close the round (fill the buffer, asynchronous)."""
         if self.asynchronous:
             # An agent waits for a newer global model after each upload, so a buffer larger
             # than the number of agents would never fill; min_agents still bounds it below.
-            buffer = min(self.strategy.buffer_size, len(self.agents))
+            buffer = min(self.strategy.buffer_size, self.agents_in_run)
             return max(1, self.least, buffer)
-        return needed_uploads(self.config.aggregation_threshold, len(self.agents), self.least)
+        return needed_uploads(self.config.aggregation_threshold, self.agents_in_run, self.least)
+
+    def counted(self) -> int:
+        """Return how many of the open round's local models count toward `needed`: those of
+        agents in the run. One accepted before its agent was revoked stays in the round and
+        its aggregate (it was acknowledged), but does not stand in for an agent in the run."""
+        # Looked up in `pending`, not iterated: a worker thread may be filing uploads into it.
+        return len(self.pending) - sum(agent in self.pending for agent in self.revoked)
 
     def status(self) -> StatusResponse:
         timeout = self.config.round_timeout
@@ -345,7 +367,7 @@ class Aggregator:
             round=self.round,
             global_round=self.global_round,
             registered_agents=len(self.agents),
-            uploads=len(self.pending),
+            uploads=self.counted(),
             needed=self.needed(),
             deadline_in=deadline,
             finished=self.finished,
@@ -555,6 +577,8 @@ class Aggregator:
                 credential = await self._enroll(
                     principal, agent_id, request.agent_name, time.time(), new_agent=False
                 )
+                if credential is not None:  # a new credential: a revoked agent is back
+                    self._set_revoked(self.revoked - {agent_id})
             else:
                 if len(self.agents) >= self.config.max_agents:
                     raise ProtocolError(
@@ -737,7 +761,8 @@ class Aggregator:
 
     def _closes(self, updates: list[Update]) -> bool:
         """Whether holding `updates` too makes enough uploads to close the round."""
-        return len(self.pending) + len(updates) >= self.needed()
+        more = sum(update.agent_id not in self.revoked for update in updates)
+        return self.counted() + more >= self.needed()
 
     def _file_and_hold(
         self, rows: list[LocalModelRow], updates: list[Update], inline: bool = False
@@ -969,7 +994,7 @@ class Aggregator:
         )
         if self.asynchronous:
             self.last_base[request.agent_id] = base
-            if uploads >= needed:
+            if self.counted() >= needed:
                 # Aggregated while the lock is still held, so no upload can slip in between
                 # the buffer filling and the new global model.
                 await self._aggregate_now("buffer full")
@@ -1033,7 +1058,7 @@ class Aggregator:
             and not self.closing
             and not self.finished
             and self.pending
-            and len(self.pending) >= self.needed()
+            and self.counted() >= self.needed()
         ):
             self.closing = True
             self._spawn(self._close_round(reason))
@@ -1217,9 +1242,10 @@ class Aggregator:
                 queue.put_nowait(message)
 
     async def _tick(self) -> None:
-        """Close a round at its deadline or retry its failed aggregation, and persist
-        last-contact times now and then."""
+        """Close a round at its deadline or retry its failed aggregation, learn of revoked
+        agents, and persist last-contact times now and then."""
         flushed: dict[str, float] = {}
+        revocations_due = time.monotonic() + REVOCATION_CHECK
         while True:
             await asyncio.sleep(0.2)
             # After a failed aggregation, neither closes the round before its retry is due.
@@ -1227,6 +1253,9 @@ class Aggregator:
             if self._retry_at is not None and not waiting:
                 self._retry_at = None
                 self._maybe_close("retry")
+            if self.config.auth and time.monotonic() >= revocations_due:
+                revocations_due = time.monotonic() + REVOCATION_CHECK
+                await self._check_revocations()
             timeout = self.config.round_timeout
             if (
                 timeout
@@ -1246,6 +1275,44 @@ class Aggregator:
                     flushed.update(changed)
                 except Exception:  # the store may be briefly locked; try again next tick
                     log.debug("could not persist last contact times", exc_info=True)
+
+    async def _check_revocations(self) -> None:
+        """Learn of revocations that `fedloop token revoke` wrote to the database: each one
+        changes one meta row, so only then are the revoked agents looked up."""
+        try:
+            marker = await asyncio.to_thread(self.store.get_meta, REVOCATIONS_KEY)
+            if marker == self._revocations:
+                return
+            revoked = await asyncio.to_thread(self.store.revoked_agents)
+        except Exception:  # the store may be briefly locked; look again next time
+            log.debug("could not read the revocations", exc_info=True)
+            return
+        self._revocations = marker
+        self._set_revoked(revoked)
+
+    def _set_revoked(self, revoked: set[str] | frozenset[str]) -> None:
+        """Take the `revoked` agents out of the run (and put back those no longer revoked);
+        close the open round if the uploads of the agents left are now enough."""
+        now = frozenset(agent for agent in revoked if agent in self.agents)
+        gone, back = now - self.revoked, self.revoked - now
+        if not gone and not back:
+            return
+        self.revoked = now
+        for agent_id in sorted(gone):
+            log.warning(
+                "agent %s (%s) was revoked: it is out of the run; a round now needs %d local "
+                "models, %d agents are left",
+                self.agents[agent_id],
+                agent_id,
+                self.needed(),
+                self.agents_in_run,
+            )
+        for agent_id in sorted(back):
+            log.info(
+                "agent %s (%s) enrolled again: back in the run", self.agents[agent_id], agent_id
+            )
+        if self._retry_at is None:  # a failed aggregation keeps its backoff
+            self._maybe_close("revocation")
 
     def subscribe(self, agent_id: str) -> asyncio.Queue[PushMessage]:
         queue: asyncio.Queue[PushMessage] = asyncio.Queue()

@@ -12,6 +12,7 @@ import logging
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -56,6 +57,8 @@ if logging.getLogger("alembic").level == logging.NOTSET:
 MIGRATIONS = Path(__file__).with_name("migrations")
 # How long a process waits for another one's lock on an SQLite database.
 _BUSY_SECONDS = 10
+# The meta key each token revocation changes (`Store.revoke_tokens`).
+REVOCATIONS_KEY = "revocations"
 # Key of the PostgreSQL advisory lock that serialises migrations of one database.
 _MIGRATION_LOCK = 0x666C6F6F70  # "floop"
 
@@ -689,8 +692,13 @@ class Store:
             return list(session.scalars(select(TokenRow).order_by(TokenRow.id)))
 
     def revoke_tokens(self, name: str, now: float | None = None) -> int:
-        """Revoke every live token and credential bound to `name`; return how many."""
+        """Revoke every live token and credential bound to `name`; return how many.
+
+        Each revocation also gives the meta key `REVOCATIONS_KEY` a new value, in the same
+        transaction: a running aggregator reads that one row to learn that it should look
+        again at which agents are revoked (`revoked_agents`)."""
         with self._tx() as session:
+            self._put_meta(session, REVOCATIONS_KEY, uuid.uuid4().hex)
             result = session.execute(
                 update(TokenRow)
                 .where(
@@ -703,6 +711,19 @@ class Store:
                 .execution_options(synchronize_session=False)
             )
             return int(getattr(result, "rowcount", 0) or 0)
+
+    def revoked_agents(self) -> set[str]:
+        """Return the ids of agents that had a credential and have none left that is not
+        revoked: `fedloop token revoke` took them out of the run. (Enrolling again gives an
+        agent a new credential, which puts it back.)"""
+        query = select(TokenRow.agent_id, TokenRow.revoked_at).where(TokenRow.kind == "credential")
+        live: set[str] = set()
+        revoked: set[str] = set()
+        with self._sessions() as session:
+            for agent_id, revoked_at in session.execute(query):
+                if agent_id is not None:
+                    (live if revoked_at is None else revoked).add(agent_id)
+        return revoked - live
 
     def enroll(
         self,
