@@ -174,9 +174,7 @@ def test_finished_agents_carry_on_when_rounds_is_raised(
     def start_both() -> list[subprocess.Popen[bytes]]:
         return [
             start_agent(server, "a0", "engines:ShiftEngine", "--set", "offset=1"),
-            start_agent(
-                server, "a1", "engines:ShiftEngine", "--mode", "poll", "--set", "offset=2"
-            ),
+            start_agent(server, "a1", "engines:ShiftEngine", "--mode", "poll", "--set", "offset=2"),
         ]
 
     first = start_both()

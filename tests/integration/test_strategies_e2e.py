@@ -345,9 +345,7 @@ def test_a_round_waits_for_as_many_local_models_as_the_strategy_needs(
 
     # With fewer agents allowed than the strategy needs, the aggregator does not start.
     config = tmp_path / "few.toml"
-    write_config(
-        config, 0, tmp_path / "few", max_agents=4, strategy={"name": "bulyan", "f": 1}
-    )
+    write_config(config, 0, tmp_path / "few", max_agents=4, strategy={"name": "bulyan", "f": 1})
     refused = subprocess.run(
         [sys.executable, "-m", "fedloop", "aggregator", "--config", str(config)],
         capture_output=True, text=True, timeout=60, env=env(),

@@ -69,7 +69,7 @@ def test_a_strategy_that_needs_more_local_models_than_a_round_samples_is_refused
     ever (before, each round's aggregation failed and was tried again)."""
     few = SimSettings("fedloop.ml.noop:NoopEngine", 10, fraction=0.3, evaluate=False)
     few.strategy, few.strategy_params = "krum", {"f": 1}
-    with pytest.raises(ConfigError, match="no fewer than 5 local models.*samples 3 agents"):
+    with pytest.raises(ConfigError, match=r"no fewer than 5 local models.*samples 3 agents"):
         aggregator_config(few)
     few.fraction = 0.5
     assert aggregator_config(few).min_agents == 5
