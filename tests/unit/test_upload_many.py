@@ -170,7 +170,7 @@ def test_a_failed_filing_answers_every_upload_waiting_for_it(tmp_path: Path) -> 
 
 def test_a_restart_mid_round_drops_uploads_whose_bytes_were_not_kept(tmp_path: Path) -> None:
     # keep_local_models=False (a simulation's default): rows only, so a restarted aggregator
-    # cannot count them again; it says so and waits for new uploads instead of failing.
+    # cannot count them again; it says so, drops them (rows too) and waits for them again.
     async def go() -> None:
         config = AggregatorConfig(
             data_dir=tmp_path, min_agents=2, rounds=1, keep_local_models=False
@@ -186,11 +186,12 @@ def test_a_restart_mid_round_drops_uploads_whose_bytes_were_not_kept(tmp_path: P
         await again.start()
         try:
             assert again.round == 1 and not again.pending
-            # a's row is still there: its upload is refused as a duplicate, b's counts.
-            with pytest.raises(ProtocolError, match="already"):
-                await again.upload(request(a), weights(1.0))
+            assert not again.store.local_models(1)
+            # a's row went with its model: its re-send is accepted, and b's closes the round.
+            await again.upload(request(a), weights(1.0))
             await again.upload(request(b), weights(3.0))
-            assert len(again.pending) == 1 and again.global_round == 0
+            assert await again.wait_for_global(0, 30) is not None
+            assert sorted(m.agent_id for m in again.store.local_models(1)) == sorted([a, b])
         finally:
             await again.stop()
 
