@@ -68,6 +68,22 @@ class NaNAgent:
         return bad, 1, {}
 
 
+class NoDataFirst:
+    """Every agent trains on no data in round 1 (num_samples 0), on some from round 2."""
+
+    def __init__(self, agent_index: int, num_agents: int) -> None:
+        self.index = agent_index
+
+    def initial_weights(self) -> Weights:
+        return {"w": np.zeros(3, dtype=np.float32)}
+
+    def train(
+        self, weights: Weights, config: Mapping[str, Any]
+    ) -> tuple[Weights, int, dict[str, float]]:
+        samples = 0 if config["round"] == 1 else self.index + 1
+        return {"w": np.full(3, self.index + 1.0, np.float32)}, samples, {}
+
+
 def records(data_dir: Path) -> tuple[dict[str, str], list[Any]]:
     store = Store(database_url(data_dir, None))
     try:
@@ -200,6 +216,21 @@ def test_a_local_model_with_a_nan_is_refused_and_stops_the_run(
         run(settings, LocalBackend(2, "process"))
     _, models = records(tmp_path / "n")
     assert [m.round for m in models] == [0]  # no global model was made of it
+
+
+def test_a_round_whose_sampled_agents_have_no_data_keeps_the_global_model(
+    tmp_path: Path,
+) -> None:
+    # docs/decisions/0014: the round closes with the model it started from; the run goes on.
+    settings = SimSettings(
+        f"{__name__}:NoDataFirst", num_agents=6, rounds=2, fraction=0.5, data_dir=tmp_path
+    )
+    result = run(settings, LocalBackend(2, "process"))
+    assert [r.round for r in result.rounds] == [1, 2]
+    _, models = records(tmp_path)
+    samples = sum(i + 1 for i in sample_agents(6, 0.5, 2, seed=0))
+    assert [m.total_samples for m in models[1:]] == [0, samples]
+    assert models[1].model_id == models[0].model_id != models[2].model_id
 
 
 def test_an_earlier_run_is_kept_unless_overwrite(tmp_path: Path) -> None:

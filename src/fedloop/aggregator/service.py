@@ -1128,6 +1128,16 @@ class Aggregator:
         assert self.global_model is not None and self.spec is not None
         started = time.perf_counter()
         updates = [self.pending[k] for k in sorted(self.pending)]
+        if not any(u.num_samples for u in updates):
+            # No local model carries any weight: the global model stays as it is, and so does
+            # the strategy's state (docs/decisions/0014-rounds-without-samples.md).
+            log.warning(
+                "round %d: every local model reports num_samples=0 (trained on no data); "
+                "the global model stays as it was",
+                self.round,
+            )
+            self._file_global(reason, started, updates, self.global_model.weights, None, None)
+            return
         # FedAvg returns the running mean itself: let it come out in the model's dtypes,
         # divided and cast in one pass, instead of a float64 copy cast back afterwards.
         like = self.global_model.weights if returns_mean(self.strategy) else None
@@ -1148,6 +1158,21 @@ class Aggregator:
             else self._with_base_models(updates),
             server_round=self.global_round if self.asynchronous else self.round,
         )
+        self._file_global(reason, started, updates, result, like, encoded)
+
+    def _file_global(
+        self,
+        reason: str,
+        started: float,
+        updates: list[Update],
+        result: Weights,
+        like: Weights | None,
+        encoded: codec.Bytes | None,
+    ) -> None:
+        """Store, commit and make current the round's global model `result`, made from
+        `updates`. ``like`` is set when `result` is FedAvg's mean of checked uploads (finite
+        already); ``encoded`` is the buffer it was computed into, if any."""
+        assert self.global_model is not None and self.spec is not None
         new = {
             t.name: np.asarray(result[t.name], dtype=codec._DTYPES[t.dtype])
             for t in self.spec.tensors
@@ -1158,7 +1183,7 @@ class Aggregator:
         # Held once: the pieces it is served and stored from are views of these tensors (for
         # one FedAvg upload, of the upload's own body), not a joined encoding beside them.
         model = GlobalModel.of(self.round, new, {}, encoded)
-        del encoded, out  # only the model's views keep the buffer from being reused
+        del encoded  # only the model's views keep the buffer from being reused
         new = model.weights
         model_id = self.blobs.put_parts(model.parts)
         state = self.strategy.state()
