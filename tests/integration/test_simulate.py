@@ -243,6 +243,51 @@ def test_an_earlier_run_is_kept_unless_overwrite(tmp_path: Path) -> None:
     assert [m.round for m in records(tmp_path)[1]] == [0, 1, 2]
 
 
+@pytest.mark.parametrize(
+    ("factory", "strategy_params", "error"),
+    [
+        (LOGREG, {"bogus": 1}, "no parameter bogus"),  # refused before any worker starts
+        ("no_such_pkg:f", {}, "cannot import module 'no_such_pkg'"),  # by the workers' start
+    ],
+)
+def test_an_early_error_leaves_no_worker_processes_or_scratch_files(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    factory: str,
+    strategy_params: dict[str, Any],
+    error: str,
+) -> None:
+    import os
+
+    from fedloop.sim import local
+
+    scratch = tmp_path / "scratch"  # where the workers' result files go (/dev/shm otherwise)
+    scratch.mkdir()
+    monkeypatch.setattr(local, "_scratch_root", lambda: str(scratch))
+    backend = LocalBackend(2, "process")
+    settings = SimSettings(
+        factory, num_agents=3, rounds=1, data_dir=tmp_path / "d", evaluate=False,
+        strategy_params=strategy_params,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=error):
+        run(settings, backend)
+    assert list(scratch.iterdir()) == []
+    assert not [pid for pid in backend.pids if os.path.exists(f"/proc/{pid}")]
+
+
+def test_a_ray_start_that_fails_half_way_shuts_its_ray_down(tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray", reason="the ray engine needs `pip install 'ray[default]'`")
+    # A local Ray of 1 CPU starts, then cannot hold one agent of 2 CPUs.
+    backend = RayBackend(cpus_per_agent=2, num_cpus=1)
+    try:
+        with pytest.raises(ConfigError, match="not enough for one agent"):
+            run(SimSettings(LOGREG, num_agents=2, rounds=1, data_dir=tmp_path), backend)
+        assert not ray.is_initialized()
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+
+
 def test_asynchronous_strategies_are_refused_with_a_reason(tmp_path: Path) -> None:
     settings = SimSettings(LOGREG, num_agents=3, rounds=1, data_dir=tmp_path, strategy="fedbuff")
     with pytest.raises(ConfigError, match="synchronous"):

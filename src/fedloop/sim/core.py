@@ -718,23 +718,28 @@ async def run_simulation(
     _prepare_dir(settings)
     config = aggregator_config(settings)
     observer.on_start(settings, backend.describe(), k)
-    observer.on_phase("starting workers")
-    await backend.start(settings.spec())
     trap = _ErrorTrap()
     agg_log = logging.getLogger("fedloop.aggregator")
     agg_log.addHandler(trap)
-    agg = Aggregator(config)
-    # Local models come from workers on this machine: fold them in groups (see RunningMean).
-    agg.running.max_held = 4
+    agg: Aggregator | None = None
+    started_backend = False
     summaries: list[RoundSummary] = []
     worker_rss = 0.0
     try:
-        await agg.start()
+        # Before any worker starts: the aggregator's own checks cost no Ray start; and
+        # whatever fails from here on stops what was started (workers, Ray, scratch files).
+        agg = Aggregator(config)
+        # Local models come from workers on this machine: fold them in groups (see RunningMean).
+        agg.running.max_held = 4
         if agg.asynchronous:
             raise ConfigError(
                 f"strategy {settings.strategy!r} is asynchronous; `fedloop simulate` runs "
                 "synchronous rounds — pick a synchronous strategy (fedavg, fedprox, fedadam, …)"
             )
+        observer.on_phase("starting workers")
+        started_backend = True  # a start that fails half-way is stopped too
+        await backend.start(settings.spec())
+        await agg.start()
         observer.on_phase("building agent 0's initial model")
         initial = await backend.initial_model()
         if initial is None:
@@ -792,8 +797,12 @@ async def run_simulation(
             observer.on_round_end(summary)
     finally:
         agg_log.removeHandler(trap)
-        await agg.stop()
-        await backend.stop()
+        try:
+            if agg is not None:
+                await agg.stop()
+        finally:
+            if started_backend:
+                await backend.stop()
     return SimResult(
         data_dir=settings.data_dir,
         database=settings.data_dir / "fedloop.db",
