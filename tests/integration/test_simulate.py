@@ -159,6 +159,23 @@ def test_fednova_runs_on_the_logreg_agents_with_their_own_step_counts(tmp_path: 
         store.close()
 
 
+def test_round_1_is_timed_from_its_training_not_from_the_registrations(tmp_path: Path) -> None:
+    settings = SimSettings(
+        LOGREG, num_agents=50, rounds=2, fraction=0.1, data_dir=tmp_path, evaluate=False
+    )
+    run(settings, LocalBackend(1, "thread"))
+    store = Store(database_url(tmp_path, None))
+    try:
+        registered = max(agent.registered_at for agent in store.agents())
+        models = store.global_models()
+    finally:
+        store.close()
+    # `fedloop history`'s seconds: from the round's start to its global model.
+    started = [m.created_at - m.seconds for m in models[1:]]
+    assert started[0] > registered  # after every agent registered: set-up, not round 1
+    assert started[1] >= models[1].created_at - 1e-6
+
+
 def test_threads_and_processes_give_the_same_global_model(tmp_path: Path) -> None:
     common: dict[str, Any] = {"num_agents": 12, "rounds": 2, "fraction": 0.5, "evaluate": False}
     run(SimSettings(LOGREG, data_dir=tmp_path / "p", **common), LocalBackend(2, "process"))

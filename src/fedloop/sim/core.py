@@ -756,6 +756,10 @@ async def run_simulation(
         setup_seconds = time.perf_counter() - started
         for r in range(1, settings.rounds + 1):
             round_started = time.perf_counter()
+            if r == 1:
+                # Round 1 opened when agent 0 registered; registering the others is set-up
+                # (setup_seconds), so its stored seconds count from here, as the summary's do.
+                agg.round_started = time.time()
             current = await agg.wait_for_global(r - 2, 0)
             if current is None or current.round != r - 1:
                 raise FedloopError(
