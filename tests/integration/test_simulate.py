@@ -364,6 +364,16 @@ def test_the_command_reports_a_users_mistake_in_one_sentence(tmp_path: Path) -> 
     assert "Traceback" not in result.output
 
 
+def test_the_command_refuses_a_negative_seed_in_one_sentence(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        cli(),
+        ["simulate", LOGREG, "-n", "10", "-C", "0.5", "--seed", "-1", "--rounds", "1",
+         "--data-dir", str(tmp_path), "--no-progress", "--pool", "thread"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: --seed must be 0 or more, got -1"
+
+
 def test_ray_runs_the_same_simulation_as_local(tmp_path: Path) -> None:
     pytest.importorskip("ray", reason="the ray engine needs `pip install 'ray[default]'`")
     common: dict[str, Any] = {"num_agents": 8, "rounds": 2, "fraction": 0.5, "evaluate": False}

@@ -99,8 +99,14 @@ def agents_per_round(num_agents: int, fraction: float) -> int:
     return max(1, math.ceil(fraction * num_agents - 1e-9))
 
 
+def _check_seed(seed: int) -> None:
+    if seed < 0:  # NumPy's seeds are non-negative; a traceback from deep inside said so
+        raise ConfigError(f"--seed must be 0 or more, got {seed}")
+
+
 def sample_agents(num_agents: int, fraction: float, round_number: int, seed: int) -> list[int]:
     """Return the sorted agent indices that train in ``round_number``: the same for a seed."""
+    _check_seed(seed)
     k = agents_per_round(num_agents, fraction)
     if k == num_agents:
         return list(range(num_agents))
@@ -617,6 +623,7 @@ def aggregator_config(settings: SimSettings) -> AggregatorConfig:
     k = settings.per_round
     if settings.rounds < 1:
         raise ConfigError(f"--rounds must be at least 1, got {settings.rounds}")
+    _check_seed(settings.seed)  # before any worker starts, not in round 1's sampling
     from fedloop.strategies import load as load_strategy
 
     least = load_strategy(settings.strategy, **settings.strategy_params).min_updates

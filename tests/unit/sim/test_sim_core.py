@@ -55,6 +55,16 @@ def test_every_agent_is_sampled_about_equally_often() -> None:
     assert counts.min() > 50 and counts.max() < 110  # expected 80 each
 
 
+def test_a_negative_seed_is_a_config_error_before_anything_runs() -> None:
+    with pytest.raises(ConfigError, match=r"^--seed must be 0 or more, got -1$"):
+        sample_agents(10, 0.5, 1, seed=-1)
+    # Checked with the run's other settings, whether sampling uses the seed (C < 1) or not.
+    for fraction in (0.5, 1.0):
+        settings = SimSettings("fedloop.ml.noop:NoopEngine", 10, fraction=fraction, seed=-1)
+        with pytest.raises(ConfigError, match="--seed must be 0 or more"):
+            aggregator_config(settings)
+
+
 @pytest.mark.parametrize(("n", "c"), [(10, 1.0), (10, 0.3), (1000, 0.1), (7, 0.7), (3, 0.01)])
 def test_a_round_closes_exactly_when_the_sampled_agents_are_in(n: int, c: float) -> None:
     settings = SimSettings("fedloop.ml.noop:NoopEngine", n, fraction=c, evaluate=False)
