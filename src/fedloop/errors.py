@@ -42,3 +42,14 @@ class ConnectionFailed(FedloopError):
 
 class EngineError(FedloopError):
     """The user's ML engine raised: the exception it raised is the cause (`__cause__`)."""
+
+
+def path_error(exc: OSError, path: object, doing: str, fix: str) -> FedloopError:
+    """Return the FedloopError for a file-system call on a user-given path that failed: which
+    path, the system's reason, and what to do (``doing``: "write the plot to", …)."""
+    where = exc.filename if exc.filename is not None else path
+    if isinstance(exc, FileExistsError | NotADirectoryError):
+        reason = "a file is where a directory should be"
+    else:
+        reason = exc.strerror or str(exc)
+    return FedloopError(f"cannot {doing} {where}: {reason}; {fix}")

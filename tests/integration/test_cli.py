@@ -84,3 +84,16 @@ def test_invalid_aggregator_urls_are_refused_at_once(tmp_path: Path) -> None:
     for url in ("127.0.0.1:8765", "http://127.0.0.1:99999", "ftp://127.0.0.1:8765"):
         result = run("agent", "engines:ShiftEngine", "--url", url, "--workdir", str(tmp_path))
         assert_one_sentence(result, f"the aggregator URL {url!r} is not valid")
+
+
+def test_a_file_where_a_directory_should_be(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("hi\n")
+    result = run(
+        "simulate", "fedloop.sim.engines:logreg_engine", "-n", "2", "--rounds", "1",
+        "--no-progress", "--data-dir", str(afile),
+    )  # fmt: skip
+    assert_one_sentence(result, f"cannot make the data directory {afile}: a file is where")
+    result = run("partition", "iid", "--agents", "3", "--plot", str(afile / "x.png"))
+    assert_one_sentence(result, f"cannot write the plot to {afile / 'x.png'}: a file is where")
+    assert afile.read_text() == "hi\n"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedloop.errors import ConfigError
+from fedloop.errors import ConfigError, path_error
 
 __all__ = ["dirichlet", "iid", "label_summary", "plot_label_summary", "quantity_skew", "shards"]
 
@@ -171,6 +171,12 @@ def plot_label_summary(
             ax.text(col, row, str(value), ha="center", va="center", fontsize=7, color=color)
     ax.set_title(title)
     target = Path(path)
-    figure.savefig(target, dpi=110, bbox_inches="tight")
-    plt.close(figure)
+    try:
+        figure.savefig(target, dpi=110, bbox_inches="tight")
+    except OSError as exc:
+        raise path_error(
+            exc, target, "write the plot to", "pass --plot a file you can write"
+        ) from exc
+    finally:
+        plt.close(figure)
     return target

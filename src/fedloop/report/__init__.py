@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedloop.errors import FedloopError
+from fedloop.errors import FedloopError, path_error
 from fedloop.history import PRIVACY_METRICS
 from fedloop.report.tables import (
     RunRecords,
@@ -82,9 +82,17 @@ def write_report(
     records: RunRecords, out: str | Path, source: str = "", plots: bool = True
 ) -> ReportFiles:
     """Write rounds.csv, local_models.csv, the PNG plots and report.html into ``out``."""
+    try:
+        return _write_report(records, Path(out), source, plots)
+    except OSError as exc:
+        raise path_error(
+            exc, out, "write the report to", "pass --out a directory you can write"
+        ) from exc
+
+
+def _write_report(records: RunRecords, directory: Path, source: str, plots: bool) -> ReportFiles:
     from fedloop.report.html import render_html
 
-    directory = Path(out)
     directory.mkdir(parents=True, exist_ok=True)
     rounds = round_rows(records)
     local = local_model_rows(records)

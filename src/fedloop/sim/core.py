@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from fedloop._loading import import_object
 from fedloop.config import AggregatorConfig, EvaluateConfig, StrategyConfig
-from fedloop.errors import ConfigError, FedloopError, ProtocolError
+from fedloop.errors import ConfigError, FedloopError, ProtocolError, path_error
 from fedloop.protocol import codec
 from fedloop.protocol.messages import RegisterRequest, UploadRequest
 from fedloop.store.blobs import MappedBody, map_file, new_hasher
@@ -605,7 +605,12 @@ def _prepare_dir(settings: SimSettings) -> None:
         for suffix in ("", "-wal", "-shm", "-journal"):
             Path(f"{db}{suffix}").unlink(missing_ok=True)
         shutil.rmtree(directory / "blobs", ignore_errors=True)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise path_error(
+            exc, directory, "make the data directory", "pass --data-dir a directory you can write"
+        ) from exc
 
 
 def _evaluate_config(settings: SimSettings) -> EvaluateConfig | None:

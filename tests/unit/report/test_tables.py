@@ -138,6 +138,15 @@ def test_write_report_with_plots_embeds_them(run_dir: Path, tmp_path: Path) -> N
     assert files.html.read_text().count("data:image/png;base64,") == 3
 
 
+def test_an_out_that_is_a_file_is_one_clear_error(run_dir: Path, tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("hi\n")
+    reason = f"cannot write the report to {afile}: a file is where a directory should be; "
+    with pytest.raises(FedloopError, match="^" + re.escape(reason)):
+        write_report(open_records(run_dir), afile, plots=False)
+    assert afile.read_text() == "hi\n"
+
+
 def test_no_database_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FedloopError, match="no fedloop database"):
         open_records(tmp_path)
