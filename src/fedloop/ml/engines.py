@@ -114,7 +114,8 @@ class TorchClassifier:
     ) -> tuple[Weights, int, dict[str, float]]:
         """Return (trained weights, number of training samples, metrics) after local training.
 
-        Metrics: ``loss`` (mean cross-entropy over the samples seen this round),
+        Metrics: ``loss`` (mean cross-entropy over the samples seen this round; none with
+        ``epochs`` 0, which sees none: a NaN metric would be refused by the aggregator),
         ``local_steps`` (optimizer steps) and ``local_momentum`` (the SGD momentum; each
         round's optimizer starts with an empty momentum buffer), which FedNova needs, and
         ``accuracy`` of the trained model on the test set when the engine has one.
@@ -158,7 +159,7 @@ class TorchClassifier:
                 loss_sum += float(loss.detach()) * len(idx)
                 seen += len(idx)
         metrics: dict[str, float] = {
-            "loss": loss_sum / seen if seen else float("nan"),
+            **({"loss": loss_sum / seen} if seen else {}),
             "local_steps": float(steps),
             "local_momentum": float(self.momentum),
         }

@@ -85,6 +85,16 @@ def test_fednova_normalises_the_engines_momentum_sgd_as_the_paper() -> None:
         np.testing.assert_allclose(got[key], x64 - tau_eff * d, rtol=1e-5, atol=1e-6)
 
 
+def test_zero_epochs_train_nothing_and_report_no_loss() -> None:
+    engine = digits_engine(0, 3, seed=0, epochs=1)
+    w0 = digits_initial_weights(0)
+    weights, n, metrics = engine.train(w0, {"epochs": 0})
+    assert n == 479 and all(np.array_equal(weights[k], w0[k]) for k in w0)
+    # No NaN loss: the aggregator refuses non-finite metrics, and so the whole upload.
+    assert set(metrics) == {"accuracy", "local_steps", "local_momentum"}
+    assert metrics["local_steps"] == 0 and all(np.isfinite(v) for v in metrics.values())
+
+
 def test_training_is_deterministic_for_a_seed() -> None:
     w0 = digits_initial_weights(3)
     a = digits_engine(1, 2, seed=3, epochs=1).train(w0, {"round": 4})
