@@ -27,17 +27,40 @@ def free_port() -> int:
         return port
 
 
+def _last_line(log: Path) -> str:
+    """Return the last non-empty line of a process's log (its error sentence, when the fedloop
+    CLI stopped on one), without an ``error:`` prefix; "" if there is none."""
+    try:
+        with open(log, "rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - 4096))
+            lines = handle.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    text = next((line.strip() for line in reversed(lines) if line.strip()), "")
+    return text.removeprefix("error:").strip()
+
+
 def wait_until_up(
     url: str,
     process: subprocess.Popen[bytes],
     timeout: float = 60.0,
     verify: bool | ssl.SSLContext = True,
+    log: Path | None = None,
 ) -> None:
-    """Block until the aggregator at `url` answers its health check."""
+    """Block until the aggregator at `url` answers its health check.
+
+    ``log``: where the process writes its output; if it exits, the error says its last line
+    (the reason) and where the rest is.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise FedloopError(f"the aggregator exited with code {process.returncode} at start")
+            reason = _last_line(log) if log is not None else ""
+            raise FedloopError(
+                f"the aggregator exited with code {process.returncode} at start"
+                + (f": {reason}" if reason else "")
+                + (f" (its log: {log})" if log is not None else "")
+            )
         try:
             if httpx.get(f"{url}/v1/health", timeout=1.0, verify=verify).status_code == 200:
                 return
@@ -95,7 +118,7 @@ class LocalFederation:
     def start_aggregator(self) -> subprocess.Popen[bytes]:
         """Start ``fedloop aggregator --config CONFIG`` and wait until it answers."""
         self.server = self._spawn("aggregator", ["aggregator", "--config", str(self.config)])
-        wait_until_up(self.url, self.server)
+        wait_until_up(self.url, self.server, log=self.logs / "aggregator.log")
         return self.server
 
     def start_agent(
@@ -122,8 +145,11 @@ class LocalFederation:
     def check_server(self) -> None:
         """Raise if the aggregator has stopped."""
         if self.server is not None and self.server.poll() is not None:
+            reason = _last_line(self.logs / "aggregator.log")
             raise FedloopError(
-                f"the aggregator stopped (code {self.server.returncode}); see {self.logs}"
+                f"the aggregator stopped (code {self.server.returncode})"
+                + (f": {reason}" if reason else "")
+                + f"; see {self.logs}"
             )
 
     def wait_agents(self, deadline: float) -> None:

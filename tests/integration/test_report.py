@@ -62,6 +62,25 @@ def test_report_of_a_real_aggregator_run(make_server: Any, tmp_path: Path) -> No
     _check_self_contained(page)
 
 
+def test_example_with_a_bad_data_dir_says_why_the_aggregator_stopped(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    example = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--data-dir", str(empty), "--rounds", "1",
+         "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120, env=env(),
+    )  # fmt: skip
+    assert example.returncode == 1
+    # The aggregator's own sentence, not only its exit code; and where its log is.
+    log = tmp_path / "run" / "logs" / "aggregator.log"
+    assert example.stderr.strip() == (
+        "error: the aggregator exited with code 2 at start: file not found: "
+        f"{empty / 'train-images-idx3-ubyte.gz'} (or uncompressed train-images-idx3-ubyte) "
+        f"(its log: {log})"
+    )
+
+
 @pytest.mark.slow
 def test_example_run_then_report(tmp_path: Path) -> None:
     pytest.importorskip("torch")
