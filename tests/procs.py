@@ -45,6 +45,7 @@ class AggregatorProcess:
     process: subprocess.Popen[bytes] | None = None
     tls: ssl.SSLContext | None = None  # client context when the aggregator serves TLS
     pythonpath: Path | None = None  # where the processes find test engines and strategies
+    open_files: int | None = None  # the process's open-file limit (RLIMIT_NOFILE), if set
     kills: int = 0
 
     @property
@@ -70,9 +71,16 @@ class AggregatorProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=process_env(self.pythonpath),
+                preexec_fn=None if self.open_files is None else self._limit_open_files,
             )
         wait_until_up(self.url, self.process, verify=self.tls or True)
         return self
+
+    def _limit_open_files(self) -> None:
+        import resource
+
+        assert self.open_files is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     def kill(self) -> None:
         """SIGKILL: no handler runs, nothing is flushed, sockets die with the process."""

@@ -69,6 +69,15 @@ class AggregatorConfig(BaseModel):
     rounds: int = Field(0, ge=0)  # stop after this many global models; 0 = run forever
     max_model_bytes: int = Field(2 * 1024**3, gt=0)
     max_agents: int = Field(100_000, ge=1)
+    # What one HTTP connection may cost before and while it sends a request (docs/security.md,
+    # "Connections"): the bytes of its request line and headers; the seconds those may take;
+    # the seconds a body may go without a byte while the aggregator reads it (an idle timeout:
+    # a slow upload that keeps sending is never cut); and the open connections, beyond which a
+    # new one closes the one idle longest before a request (0: the open-file limit less 64).
+    max_header_bytes: int = Field(64 * 1024, ge=4096)
+    header_timeout: float = Field(20.0, gt=0.0)
+    body_idle_timeout: float = Field(60.0, gt=0.0)
+    max_connections: int = Field(0, ge=0)
     # fsync every stored model before its row commits, so a power loss cannot leave a row whose
     # model is missing. `fedloop simulate` turns it off: a simulation does not resume after a
     # crash, and one fsync per local model was ≈ 40 % of its driver's time at 1,000 agents.

@@ -19,6 +19,7 @@ import uvicorn
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
+from fedloop.aggregator import guard
 from fedloop.aggregator.app import read_body
 from fedloop.aggregator.direct import DIRECT_MIN, EXTENSION, protocol_class
 from fedloop.security.certs import make_dev_pki
@@ -63,7 +64,9 @@ class _App:
 
 
 class _Server:
-    def __init__(self, loop: str, certs: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, loop: str, certs: dict[str, Any] | None = None, guarded: bool = False
+    ) -> None:
         self.app = _App()
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -74,7 +77,10 @@ class _Server:
                 host="127.0.0.1",
                 port=self.port,
                 loop=loop,
-                http=protocol_class(),
+                # The aggregator serves with the connection limits on top (guard.py).
+                http=guard.protocol_class(guard.ConnectionLimits())
+                if guarded
+                else protocol_class(),
                 log_level="warning",
                 lifespan="on",
                 ssl_certfile=str(certs["server"].cert) if certs else None,
@@ -93,11 +99,12 @@ class _Server:
         self.thread.join(10)
 
 
-@pytest.fixture(params=["uvloop", "asyncio"])
+@pytest.fixture(params=["uvloop", "asyncio", "uvloop-guarded"])
 def server(request: pytest.FixtureRequest) -> Iterator[_Server]:
-    if request.param == "uvloop":
+    loop, _, guarded = request.param.partition("-")
+    if loop == "uvloop":
         pytest.importorskip("uvloop")
-    running = _Server(request.param)
+    running = _Server(loop, guarded=bool(guarded))
     yield running
     running.stop()
 

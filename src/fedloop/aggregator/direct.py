@@ -103,11 +103,13 @@ class _BodySink(asyncio.BufferedProtocol):
         if self.on_data is not None:
             self.on_data(self.target[self.filled : self.filled + nbytes])
         self.filled += nbytes
+        self.owner.direct_body_read()
         if self.filled == self.target.nbytes and not self.done.done():
             # Before the next read reaches it: the old parser still counts the body bytes it
             # did not see, so the next request starts with a new one.
             self.owner.parser = self.owner.new_parser()
             self.owner.transport.set_protocol(self.owner)
+            self.owner.direct_body_complete()
             self.done.set_result(None)
 
     def eof_received(self) -> bool | None:
@@ -153,6 +155,14 @@ def protocol_class() -> type[asyncio.Protocol]:
                 return
             extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
             extensions[EXTENSION] = DirectBody(self, cycle, size)
+
+        # Told of a direct body's progress, for subclasses that watch the connection
+        # (`guard.protocol_class`): its parser sees neither those bytes nor the body's end.
+        def direct_body_read(self) -> None:
+            """Bytes of a direct body arrived."""
+
+        def direct_body_complete(self) -> None:
+            """The direct body is complete; the connection is this protocol's again."""
 
     return DirectBodyProtocol
 

@@ -10,7 +10,7 @@ import ssl
 
 import uvicorn
 
-from fedloop.aggregator import direct
+from fedloop.aggregator import guard
 from fedloop.aggregator.app import create_app
 from fedloop.config import AggregatorConfig
 from fedloop.errors import ConfigError
@@ -45,19 +45,32 @@ def event_loop_and_parser() -> tuple[str, str]:
     return loop, http
 
 
+def connection_limits(config: AggregatorConfig) -> guard.ConnectionLimits:
+    """Return the limits on each connection that `config` sets (docs/security.md)."""
+    return guard.ConnectionLimits(
+        max_head_bytes=config.max_header_bytes,
+        head_timeout=config.header_timeout,
+        body_idle_timeout=config.body_idle_timeout,
+        max_connections=config.max_connections or guard.default_max_connections(),
+    )
+
+
 def serve(config: AggregatorConfig) -> None:
     """Serve until interrupted."""
     check_port(config.host, config.port)
     app = create_app(config)
     loop, http = event_loop_and_parser()
+    limits = connection_limits(config)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
             host=config.host,
             port=config.port,
             loop=loop,
-            # With httptools, large request bodies are read straight into their buffers.
-            http=direct.protocol_class() if http == "httptools" else http,
+            # With httptools, large request bodies are read straight into their buffers, and
+            # each connection is held to `limits` (h11 only caps a head's size, below).
+            http=guard.protocol_class(limits) if http == "httptools" else http,
+            h11_max_incomplete_event_size=config.max_header_bytes,
             log_level=config.log_level,
             access_log=False,
             lifespan="on",
