@@ -15,6 +15,7 @@ import struct
 from typing import Any
 
 import numpy as np
+import safetensors.numpy
 from hypothesis import strategies as st
 
 from fedloop.errors import ProtocolError
@@ -240,7 +241,8 @@ def model_bytes(draw: st.DrawFn, base: bytes | None = None) -> bytes:
 
 def check_codec(data: bytes, spec: ModelSpec | None = REFERENCE_SPEC) -> None:
     """`read_header`, `decode` and `decode_checked` answer `data` with a model or ProtocolError;
-    a decoded model re-encodes to one that decodes equal."""
+    a decoded model re-encodes to one that decodes equal, and the safetensors library opens the
+    bytes as they are (what the aggregator stores) to the same tensors."""
     with contextlib.suppress(ProtocolError):
         codec.read_header(data)
     try:
@@ -250,6 +252,10 @@ def check_codec(data: bytes, spec: ModelSpec | None = REFERENCE_SPEC) -> None:
     if decoded is not None:
         _, start = codec.read_header(data)
         assert sum(a.nbytes for a in decoded.values()) == len(data) - start
+        theirs = safetensors.numpy.load(bytes(data))
+        assert theirs.keys() == decoded.keys()
+        for name, array in decoded.items():
+            assert theirs[name].dtype == array.dtype and theirs[name].shape == array.shape
         again = codec.decode(codec.encode(decoded))
         assert list(again) == list(decoded)
         for name, array in decoded.items():

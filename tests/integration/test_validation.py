@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import struct
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+import safetensors.numpy as st
 from harness import Server
 
 from fedloop.agent.client import AggregatorClient, Refused
@@ -35,8 +37,12 @@ def _snapshot(server: Server) -> tuple[int, int, set[str]]:
 
 
 def _upload(server: Server, message: dict[str, Any], body: bytes) -> httpx.Response:
+    return _post(server, "/v1/updates", message, body)
+
+
+def _post(server: Server, path: str, message: dict[str, Any], body: bytes) -> httpx.Response:
     return httpx.post(
-        server.url + "/v1/updates",
+        server.url + path,
         content=body,
         headers={"x-fedloop-message": json.dumps(message)},
         timeout=30,
@@ -45,6 +51,16 @@ def _upload(server: Server, message: dict[str, Any], body: bytes) -> httpx.Respo
 
 def _model(**changes: Any) -> bytes:
     return codec.encode({**GOOD, **changes})
+
+
+def _raw_model(header: dict[str, Any]) -> bytes:
+    """GOOD's tensors under a header of our own making: a body no fedloop encoder writes."""
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + b"\x00" * 60
+
+
+W = {"dtype": "F32", "shape": [4, 3], "data_offsets": [0, 48]}
+B = {"dtype": "F32", "shape": [3], "data_offsets": [48, 60]}
 
 
 def test_each_bad_upload_is_refused_and_changes_nothing(server: Server) -> None:
@@ -63,6 +79,10 @@ def test_each_bad_upload_is_refused_and_changes_nothing(server: Server) -> None:
         (ok, _model(b=np.array([0, np.inf, 0], np.float32)), 422, "not_finite"),
         (ok, _model(w=np.ones((40, 30), np.float32)), 413, "too_large"),
         (ok, b"\x00" * 16, 400, "bad_model"),
+        # Headers the safetensors library cannot open: stored as received, they must open.
+        (ok, _raw_model({"w": {**W, "shape": ["4", 3]}, "b": B}), 400, "bad_model"),
+        (ok, _raw_model({"w": {**W, "data_offsets": [0, 48.0]}, "b": B}), 400, "bad_model"),
+        (ok, _raw_model({"__metadata__": 123, "w": W, "b": B}), 400, "bad_model"),
         ({**ok, "agent_id": "nobody"}, _model(), 404, "unknown_agent"),
         ({**ok, "protocol": 2}, _model(), 400, "unsupported_protocol"),
         ({**ok, "round": 7}, _model(), 409, "round_not_open"),
@@ -131,3 +151,28 @@ def test_push_connections_are_not_compressed(server: Server) -> None:
     with connect(ws_url) as ws:
         assert "permessage-deflate" in (ws.request.headers.get("Sec-WebSocket-Extensions") or "")
         assert ws.response.headers.get("Sec-WebSocket-Extensions") is None
+
+
+def test_a_model_header_longer_than_the_model_needs_is_refused_unread(make_server: Any) -> None:
+    # Parsing a header's JSON costs up to 25 times its size in memory, under the GIL: the first
+    # model's header may be 1 MiB, later ones twice as long as the registered model's needs
+    # plus 64 KiB of __metadata__. Longer ones are refused before they are parsed.
+    server: Server = make_server(min_agents=2)
+    name = {"protocol": 1, "agent_name": "site-a"}
+    metadata = {"x": "y" * codec.MAX_RECEIVED_HEADER}
+    first = _post(
+        server, "/v1/register", name, _raw_model({"__metadata__": metadata, "w": W, "b": B})
+    )
+    assert first.status_code == 400, first.text
+    assert first.json()["error"] == "bad_model" and "at most 1048576" in first.json()["detail"]
+    assert server.status()["registered_agents"] == 0
+    agent_id = AggregatorClient(server.url).register("site-a", GOOD).agent_id
+    message = {"protocol": 1, "agent_id": agent_id, "round": 1, "num_samples": 1}
+    before = _snapshot(server)
+    long = _raw_model({"__metadata__": {"x": "y" * 200_000}, "w": W, "b": B})
+    refused = _post(server, "/v1/updates", message, long)
+    assert refused.status_code == 400 and "at most" in refused.json()["detail"], refused.text
+    assert _snapshot(server) == before
+    # What the safetensors library writes, with the metadata PyTorch adds, is taken.
+    taken = _post(server, "/v1/updates", message, st.save(GOOD, metadata={"format": "pt"}))
+    assert taken.status_code == 200, taken.text

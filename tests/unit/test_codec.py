@@ -178,3 +178,103 @@ def test_decode_checked_with_a_hasher_names_the_first_tensor_not_finite(
     hasher = new_hasher()
     decode_checked(data, None, False, hasher)
     assert hasher.hexdigest() == blob_id(data)
+
+
+def _framed(text: bytes, data: bytes) -> bytes:
+    return struct.pack("<Q", len(text)) + text + data
+
+
+W4 = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _raw({"w": {**W4, "shape": ["4"]}}, b"\0" * 16),
+        _raw({"w": {**W4, "shape": [4.0]}}, b"\0" * 16),
+        _raw({"w": {**W4, "shape": [True, 4]}}, b"\0" * 16),
+        _raw({"w": {**W4, "data_offsets": ["0", 16]}}, b"\0" * 16),
+        _raw({"w": {**W4, "data_offsets": [0, 16.0]}}, b"\0" * 16),
+        _raw({"w": {**W4, "data_offsets": [0, 16, 16]}}, b"\0" * 16),
+        _raw({"w": [4]}, b"\0" * 16),
+        _raw({"__metadata__": 123, "w": W4}, b"\0" * 16),
+        _raw({"__metadata__": {"a": [1, 2]}, "w": W4}, b"\0" * 16),
+        _framed(json.dumps({"w": W4}).encode("utf-16-le"), b"\0" * 16),
+        _framed(b'{"w": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 16]}}', b"\0" * 16),
+        _raw({"\ud800": W4}, b"\0" * 16),
+        _raw({"__metadata__": {"a": "\udc00"}, "w": W4}, b"\0" * 16),
+    ],
+    ids=[
+        "shape-string",
+        "shape-float",
+        "shape-bool",
+        "offset-string",
+        "offset-float",
+        "three-offsets",
+        "entry-not-object",
+        "metadata-number",
+        "metadata-list-value",
+        "utf16",
+        "nan",
+        "lone-surrogate-name",
+        "lone-surrogate-metadata",
+    ],
+)
+def test_headers_the_safetensors_library_refuses_are_refused(body: bytes) -> None:
+    # Stored as received, a model must open with the reference library (DESIGN.md).
+    with pytest.raises(Exception):  # noqa: B017 - safetensors raises its own error types
+        st.load(body)
+    with pytest.raises(ProtocolError) as info:
+        decode(body)
+    assert info.value.code == "bad_model"
+
+
+def test_entries_with_fields_of_their_own_are_refused() -> None:
+    # The reference library takes them; stored, they would go to every reader: not taken.
+    with pytest.raises(ProtocolError, match="exactly a dtype"):
+        decode(_raw({"w": {**W4, "x": [[[1]]]}}, b"\0" * 16))
+
+
+def test_headers_the_safetensors_library_takes_are_taken() -> None:
+    weights = {"wé": np.ones(4, np.float32), "b": np.arange(3, dtype=np.int64)}
+    saved = st.save(weights, metadata={"format": "pt", "note": "x" * 1000})
+    spec = ModelSpec.of(weights)
+    for body in (saved, _raw({"__metadata__": None, "w": W4}, b"\0" * 16)):
+        assert st.load(body).keys() == decode(body).keys()
+    out = decode_checked(saved, spec)
+    np.testing.assert_array_equal(out["b"], weights["b"])
+
+
+def _bomb(header_bytes: int, weights: dict[str, np.ndarray]) -> bytes:
+    """A valid model of `weights` whose header carries `header_bytes` of `[]` in __metadata__."""
+    head, _ = codec.read_header(encode(weights))
+    filler = b"[]," * (header_bytes // 3)
+    text = b'{"__metadata__":[' + filler + b"[]]," + json.dumps(head).encode()[1:]
+    return _framed(text, b"".join(bytes(a.data) for a in weights.values()))
+
+
+def test_a_header_longer_than_the_model_needs_is_refused_before_it_is_parsed() -> None:
+    weights = {"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)}
+    spec = ModelSpec.of(weights)
+    assert spec.header_limit < 100_000
+    bomb = _bomb(2 * spec.header_limit, weights)
+    with pytest.raises(ProtocolError, match="__metadata__"):  # parsed: no limit for stored models
+        decode(bomb)
+    with pytest.raises(ProtocolError, match="at most") as info:  # not parsed
+        decode_checked(bomb, spec)
+    assert info.value.code == "bad_model"
+    # The first model, before any spec: a fixed limit.
+    with pytest.raises(ProtocolError, match="at most"):
+        decode_checked(_bomb(codec.MAX_RECEIVED_HEADER, weights), None)
+
+
+def test_the_header_limits_fit_large_real_models() -> None:
+    # 5,000 tensors with Llama-style names: ≈ 450 KB of header, under the first model's limit.
+    weights = {
+        f"model.layers.{i // 7}.self_attn.proj_{i % 7}.weight": np.zeros(i % 5 + 1, np.float16)
+        for i in range(5000)
+    }
+    body = encode(weights)
+    spec = ModelSpec.of(weights)
+    assert len(decode_checked(body, None)) == 5000
+    assert len(decode_checked(st.save(weights, metadata={"format": "pt"}), spec)) == 5000

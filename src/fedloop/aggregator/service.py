@@ -565,11 +565,16 @@ class Aggregator:
         one that lost its credential: it gets a new one, the old one is revoked) or the agent's
         own credential (nothing new is issued).
         """
+        # Checked before the lock is taken: a large model's values (or a long header) would
+        # hold up every other request that needs it meanwhile.
+        spec, weights = self.spec, None
+        if body:
+            weights = await asyncio.to_thread(codec.decode_checked, body, spec)
         async with self.lock:
             self.check_registrant(principal, request.agent_name)
-            weights = None
-            if body:
-                weights = await asyncio.to_thread(codec.decode_checked, body, self.spec)
+            if weights is not None and spec is None and self.spec is not None:
+                # The first model was registered meanwhile: this one must match it.
+                codec.check_against(weights, self.spec, finite=False)
             existing = self.agent_ids.get(request.agent_name)
             credential = None
             if existing is not None:

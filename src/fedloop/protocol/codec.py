@@ -8,6 +8,7 @@ received bytes) and refuses any header whose offsets do not tile the data exactl
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import mmap
@@ -39,6 +40,14 @@ _DTYPES: dict[str, np.dtype[Any]] = {
 }
 Bytes = bytes | bytearray | memoryview | mmap.mmap
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+# The header a received model may have when no model is registered yet (the first agent's).
+# Parsing JSON costs up to ≈ 25 × its size in Python objects, with the GIL held (a 63 MB
+# header of `[]`s: 1.6 GB, the event loop stalled for seconds). Real models need ≈ 100 bytes a
+# tensor (a 720-tensor Llama-70B layout: 70 KB): 1 MiB is ≈ 10,000 tensors.
+MAX_RECEIVED_HEADER = 1024 * 1024
+# Once the model is registered, a received header may be twice the length of the model's own
+# (spacing, the order of the offsets, escapes) plus this much `__metadata__`.
+METADATA_SLACK = 64 * 1024
 
 
 def dtype_name(dtype: np.dtype[Any]) -> str:
@@ -89,6 +98,15 @@ class ModelSpec:
         return sum(
             int(np.prod(t.shape, dtype=np.int64)) * _DTYPES[t.dtype].itemsize for t in self.tensors
         )
+
+    @functools.cached_property
+    def header_limit(self) -> int:
+        """The longest safetensors header a model of this spec may come with (`decode`)."""
+        entries = [
+            (t.name, t.dtype, t.shape, math.prod(t.shape) * _DTYPES[t.dtype].itemsize)
+            for t in self.tensors
+        ]
+        return 2 * (len(_header(entries)) - 8) + METADATA_SLACK
 
 
 def encode(weights: Mapping[str, np.ndarray]) -> bytes:
@@ -177,42 +195,90 @@ def holds_encoding(buffer: Bytes, weights: Mapping[str, np.ndarray]) -> bool:
     return True
 
 
-def read_header(data: Bytes) -> tuple[dict[str, Any], int]:
-    """Return the JSON header of safetensors bytes and where its data section starts."""
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def read_header(data: Bytes, limit: int = MAX_HEADER_BYTES) -> tuple[dict[str, Any], int]:
+    """Return the JSON header of safetensors bytes and where its data section starts.
+
+    A header longer than `limit` bytes is refused before it is parsed, as is one that is not
+    UTF-8 (the safetensors library refuses those too).
+    """
     if len(data) < 8:
         raise ProtocolError("model body is shorter than a safetensors header", 400, "bad_model")
     (size,) = struct.unpack("<Q", bytes(data[:8]))
-    if size > MAX_HEADER_BYTES or 8 + size > len(data):
+    if size > limit:
+        raise ProtocolError(
+            f"the safetensors header is {size} bytes; at most {limit} are accepted here (a "
+            "model needs about 100 bytes a tensor, plus its __metadata__)",
+            400,
+            "bad_model",
+        )
+    if 8 + size > len(data):
         raise ProtocolError("safetensors header length exceeds the body", 400, "bad_model")
     try:
-        header = json.loads(bytes(data[8 : 8 + size]))
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ProtocolError(f"safetensors header is not JSON: {exc}", 400, "bad_model") from exc
+        text = bytes(data[8 : 8 + size]).decode("utf-8")
+        header = json.loads(text, parse_constant=_no_constant)
+        if "\\" in text:  # one memchr; fedloop's and the library's headers have no escapes
+            # A lone surrogate escape ("\ud800") Python keeps as it is, the safetensors library
+            # refuses: look for one in every string of the header.
+            json.dumps(header, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ProtocolError(
+            f"safetensors header is not JSON in UTF-8: {exc}", 400, "bad_model"
+        ) from exc
     if not isinstance(header, dict):
         raise ProtocolError("safetensors header must be a JSON object", 400, "bad_model")
     return header, 8 + size
 
 
-def decode(data: Bytes) -> Weights:
+def _ints(value: object, length: int | None = None) -> tuple[int, ...] | None:
+    """`value` as a tuple of ints if it is a JSON list of integers (of `length`), else None.
+
+    JSON integers only, as the safetensors library takes: not "4", 4.0 or true.
+    """
+    if not isinstance(value, list) or (length is not None and len(value) != length):
+        return None
+    if not all(type(item) is int for item in value):
+        return None
+    return tuple(value)
+
+
+def decode(data: Bytes, max_header: int = MAX_HEADER_BYTES) -> Weights:
     """Return the tensors in safetensors bytes as read-only arrays viewing `data`.
 
     Every offset is checked: tensors must tile the data section exactly, each of the size its
-    dtype and shape give. Anything else is a ProtocolError, never an IndexError.
+    dtype and shape give, and the header must be one the safetensors library opens (UTF-8;
+    shapes and offsets JSON integers; ``__metadata__`` a map of strings to strings), at most
+    `max_header` bytes. Anything else is a ProtocolError, never an IndexError.
     """
-    header, start = read_header(data)
+    header, start = read_header(data, max_header)
     body = memoryview(data)[start:]
     entries: list[tuple[int, int, str, np.dtype[Any], tuple[int, ...]]] = []
     for name, info in header.items():
         if name == "__metadata__":
+            if info is not None and not (
+                isinstance(info, dict) and all(isinstance(value, str) for value in info.values())
+            ):
+                raise ProtocolError(
+                    "the safetensors __metadata__ must map names to strings", 400, "bad_model"
+                )
             continue
-        try:
-            kind = info["dtype"]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        # Exactly the three fields the safetensors library writes (three, each found below):
+        # anything else would be stored along with the model, for every reader to parse.
+        entry = info if isinstance(info, dict) and len(info) == 3 else {}
+        kind = entry.get("dtype")
+        shape = _ints(entry.get("shape"))
+        offsets = _ints(entry.get("data_offsets"), 2)
+        if kind is None or shape is None or offsets is None:
             raise ProtocolError(
-                f"tensor {name!r} has a malformed header entry", 400, "bad_model"
-            ) from exc
+                f"tensor {name!r} has a malformed header entry (it needs exactly a dtype, a "
+                "shape and two data_offsets, in JSON integers)",
+                400,
+                "bad_model",
+            )
+        begin, end = offsets
         if not isinstance(kind, str) or kind not in _DTYPES:
             raise ProtocolError(
                 f"tensor {name!r} has dtype {kind!r}, which fedloop does not accept "
@@ -369,11 +435,15 @@ def decode_checked(
 ) -> Weights:
     """Return the decoded model after checking it against `spec` (or only for finiteness).
 
+    For received bytes: the header may be only as long as a model of `spec` needs
+    (`ModelSpec.header_limit`), or `MAX_RECEIVED_HEADER` without a spec.
+
     ``finite=False`` leaves out the pass over the values, for bytes whose writer checked them.
     ``hasher``: every byte of `data` is fed to it, in the pass that checks the values (one
     read of a large model from memory instead of two); it is complete unless this raises.
     """
-    weights = decode(data)
+    limit = spec.header_limit if spec is not None else MAX_RECEIVED_HEADER
+    weights = decode(data, limit)
     if not weights:
         raise ProtocolError("model has no tensors", 422, "empty_model")
     spec = spec if spec is not None else ModelSpec.of(weights)
