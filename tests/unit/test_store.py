@@ -104,6 +104,8 @@ def test_rounds_agents_and_models_persist_across_reopen(url: str) -> None:
     latest = again.latest_global()
     assert latest is not None and latest.round == 1 and latest.contributors == ["a"]
     assert again.referenced_blobs() == {"x" * 64, "y" * 64}
+    assert again.referenced_among(["x" * 64, "z" * 64, "y" * 64]) == {"x" * 64, "y" * 64}
+    assert again.referenced_among(["z" * 64]) == set() == again.referenced_among([])
     again.close()
 
 

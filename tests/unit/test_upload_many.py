@@ -16,6 +16,7 @@ from fedloop.config import AggregatorConfig
 from fedloop.errors import ProtocolError
 from fedloop.protocol import codec
 from fedloop.protocol.messages import RegisterRequest, UploadRequest, UploadResponse
+from fedloop.store.blobs import blob_id
 
 
 def weights(value: float) -> bytes:
@@ -342,3 +343,33 @@ def test_uploads_that_fold_nothing_are_filed_on_the_event_loops_thread(
 
     asyncio.run(go())
     assert filed == expected
+
+
+def test_an_upload_refused_after_its_blob_was_written_leaves_no_blob(tmp_path: Path) -> None:
+    # Uploads are checked and written before their rows are filed; one refused at filing (a
+    # second from the same agent, filed after its first) must not leave its blob behind, nor
+    # take a blob that a filed row names (the same bytes as another agent's upload).
+    async def go() -> None:
+        agg = Aggregator(AggregatorConfig(data_dir=tmp_path, min_agents=3))
+        await agg.start()
+        try:
+            a, b, _ = await register(agg, 3)
+            before = agg.blobs.keys()
+            uploads = [(a, 1.0), (a, 2.0), (b, 3.0), (a, 3.0)]  # a's last: the bytes of b's
+            outcomes = await asyncio.gather(
+                *(agg.upload(request(agent), weights(value)) for agent, value in uploads),
+                return_exceptions=True,
+            )
+            # Checked on worker threads: which of a's comes first to be filed varies.
+            taken = [
+                u for u, o in zip(uploads, outcomes, strict=True) if not isinstance(o, Exception)
+            ]
+            refused = [o for o in outcomes if isinstance(o, ProtocolError)]
+            assert len(taken) == 2 and (b, 3.0) in taken, outcomes
+            assert [o.code for o in refused] == ["duplicate_upload"] * 2
+            assert agg.blobs.keys() - before == {blob_id(weights(value)) for _, value in taken}
+            assert not agg._claims
+        finally:
+            await agg.stop()
+
+    asyncio.run(go())

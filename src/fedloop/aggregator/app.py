@@ -197,8 +197,10 @@ def create_app(config: AggregatorConfig, aggregator: Aggregator | None = None) -
         principal = await who(request)
         message = parse_message(UploadRequest, request.headers.get(MESSAGE_HEADER))
         agg.require_agent(principal, message.agent_id)
-        body = await read_body(request, limit, agg.bodies)
-        reply = await agg.upload(message, body)
+        # A duplicate or late upload is refused unread, and an agent's uploads go one at a time.
+        async with agg.upload_turn(message):
+            body = await read_body(request, limit, agg.bodies)
+            reply = await agg.upload(message, body)
         return JSONResponse(reply.model_dump())
 
     async def latest_global(request: Request) -> Response:

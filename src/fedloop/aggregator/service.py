@@ -13,13 +13,15 @@ next global model will get, and a local model's row is filed under it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import math
+import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -216,6 +218,12 @@ class Aggregator:
         # Checked uploads of a synchronous round waiting to be filed, and the task filing them.
         self._to_file: list[tuple[list[_Checked], asyncio.Future[list[_Outcome]]]] = []
         self._filer: asyncio.Task[None] | None = None
+        # Each agent's turn to send a local model over HTTP (`upload_turn`): one at a time.
+        self._upload_turns: dict[str, asyncio.Lock] = {}
+        # Blobs of local models written but not yet filed, by content address: a refused
+        # upload's blob is deleted unless another upload of the same bytes still needs it.
+        self._claims: Counter[str] = Counter()
+        self._claims_lock = threading.Lock()
         self.stats = {"uploads": 0, "rejected": 0, "bytes_in": 0, "bytes_out": 0}
         self.rejected_by_reason: dict[str, int] = {}
         self.aggregation_seconds: list[float] = []  # per aggregation, for /metrics
@@ -813,9 +821,12 @@ class Aggregator:
         assert digest is not None
         if not self.config.keep_local_models:  # the row keeps the content address only
             return weights, digest
+        with self._claims_lock:  # before the write: no refused twin may delete it meanwhile
+            self._claims[digest] += 1
         try:
             return weights, self.blobs.put(body, key=digest)
         except OSError as exc:
+            self._unclaim([digest], [])
             # The aggregator's fault, not the model's: a 5xx, which agents send again later.
             log.error("a local model could not be stored: %s", exc)
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -832,6 +843,43 @@ class Aggregator:
         if isinstance(outcome, ProtocolError):
             raise outcome
         return outcome
+
+    def _unclaim(self, filed: list[str], refused: list[str]) -> None:
+        """Release the claims on blobs written for uploads now filed or `refused`, and delete
+        those of the refused that nothing else names: no row, no upload still in flight (a
+        refused upload changes nothing, its blob included)."""
+        with self._claims_lock:
+            for key in (*filed, *refused):
+                self._claims[key] -= 1
+                if self._claims[key] <= 0:
+                    del self._claims[key]
+            unclaimed = {key for key in refused if key not in self._claims}
+            if not unclaimed:
+                return
+            # Under the claims lock: an upload of the same bytes claims it again only after.
+            for key in unclaimed - self.store.referenced_among(unclaimed):
+                self.blobs.delete(key)
+
+    @contextlib.asynccontextmanager
+    async def upload_turn(self, request: UploadRequest) -> AsyncIterator[None]:
+        """Hold the agent's turn to upload while its body is read and the upload filed.
+
+        An upload the round would refuse anyway (unknown agent, round closed, a local model
+        already in) is refused here, before its body is read. An agent sends one local model at
+        a time: a second upload (a retry whose first try is still being read, or a flood of
+        them) waits for the first's answer, its body unread (its connection's idle timeout
+        does not run meanwhile), then is checked again: refused as duplicate_upload if the
+        first was taken, read if it was not.
+        """
+        refusal = self._refusal(request)
+        if refusal is not None:
+            raise refusal
+        turn = self._upload_turns.setdefault(request.agent_id, asyncio.Lock())
+        async with turn:
+            refusal = self._refusal(request)
+            if refusal is not None:
+                raise refusal
+            yield
 
     def _refusal(self, request: UploadRequest) -> ProtocolError | None:
         """Return why an upload is refused before its body is looked at, or None."""
@@ -978,7 +1026,22 @@ class Aggregator:
                     continue
                 held += 1
                 outcomes[i] = await self._accepted(batch[i][0], row, held, len(batch[i][1]))
+        if self.config.keep_local_models:
+            await self._release_blobs(batch, outcomes)
         return [o for o in outcomes if o is not None]
+
+    async def _release_blobs(self, batch: list[_Checked], outcomes: list[_Outcome | None]) -> None:
+        """Release the blobs written for `batch` once its rows are filed; a refused upload's
+        blob goes (`_unclaim`), on a worker thread, since that asks the database."""
+        filed: list[str] = []
+        refused: list[str] = []
+        for (_, _, result), outcome in zip(batch, outcomes, strict=True):
+            if not isinstance(result, ProtocolError):  # its blob was written
+                (refused if isinstance(outcome, ProtocolError) else filed).append(result[1])
+        if refused:
+            await asyncio.to_thread(self._unclaim, filed, refused)
+        elif filed:
+            self._unclaim(filed, [])
 
     async def _accepted(
         self, request: UploadRequest, row: LocalModelRow, uploads: int, nbytes: int

@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -658,6 +658,29 @@ class Store:
             ids |= set(session.scalars(select(GlobalModelRow.model_id)))
             ids |= {s for s in session.scalars(select(GlobalModelRow.state_id)) if s}
             return ids
+
+    def referenced_among(self, keys: Collection[str]) -> set[str]:
+        """Those of the blob ids `keys` that a row names (before deleting any of them)."""
+        keys = list(keys)
+        if not keys:
+            return set()
+        with self._sessions() as session:
+            ids = set(
+                session.scalars(
+                    select(LocalModelRow.model_id).where(LocalModelRow.model_id.in_(keys))
+                )
+            )
+            ids |= set(
+                session.scalars(
+                    select(GlobalModelRow.model_id).where(GlobalModelRow.model_id.in_(keys))
+                )
+            )
+            ids |= set(
+                session.scalars(
+                    select(GlobalModelRow.state_id).where(GlobalModelRow.state_id.in_(keys))
+                )
+            )
+            return {key for key in ids if key}
 
     # --- tokens and credentials -----------------------------------------------------------
     def add_token(
