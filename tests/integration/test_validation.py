@@ -176,3 +176,11 @@ def test_a_model_header_longer_than_the_model_needs_is_refused_unread(make_serve
     # What the safetensors library writes, with the metadata PyTorch adds, is taken.
     taken = _post(server, "/v1/updates", message, st.save(GOOD, metadata={"format": "pt"}))
     assert taken.status_code == 200, taken.text
+
+
+@pytest.mark.parametrize("wait", ["nan", "NaN", "inf", "-inf", "-5", "1e400"])
+def test_a_long_poll_wait_that_is_not_a_duration_is_refused(server: Server, wait: str) -> None:
+    AggregatorClient(server.url).register("site-a", GOOD)
+    response = server.get("/v1/models/global/latest", params={"after": 5, "wait": wait})
+    assert response.status_code == 400, response.text  # nan was a 500
+    assert response.json()["error"] == "bad_request" and "'wait'" in response.json()["detail"]

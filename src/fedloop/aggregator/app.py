@@ -208,9 +208,16 @@ def create_app(config: AggregatorConfig, aggregator: Aggregator | None = None) -
         agg.require_reader(principal)
         try:
             after = int(request.query_params.get("after", "-1"))
-            wait = min(float(request.query_params.get("wait", "0")), LONG_POLL_MAX)
+            wait = float(request.query_params.get("wait", "0"))
         except ValueError as exc:
             raise ProtocolError("'after' must be an integer and 'wait' a number", 400) from exc
+        if not (math.isfinite(wait) and wait >= 0):  # nan passes neither comparison nor min()
+            raise ProtocolError(
+                f"'wait' must be a number of seconds from 0 to {LONG_POLL_MAX:g} (longer waits "
+                f"are cut to {LONG_POLL_MAX:g}), not {request.query_params['wait']!r}",
+                400,
+            )
+        wait = min(wait, LONG_POLL_MAX)
         # An agent that names itself is not sent the WebSocket announcement of the model
         # this request answers with; only the agent itself may ask for that.
         waiter = request.query_params.get("agent_id")
