@@ -3,7 +3,7 @@
 uvicorn's httptools protocol buffers a request's head (request line and headers) without any
 limit, waits for it forever, waits forever between the pieces of a body, and accepts connections
 until the process runs out of open files. A stranger can make it do each of these before any
-token is looked at: one endless header value grew an aggregator by 580 MB, and 746 connections
+token is looked at: one endless header value grew an aggregator by 589 MB, and 746 connections
 that never finished their heads left it unable to answer anyone (docs/security.md,
 "Connections"). `protocol_class(limits)` is the aggregator's protocol (`direct.protocol_class`)
 with four limits added:
