@@ -1,4 +1,5 @@
-"""Aggregation strategies by name: create("fedavg"), load("my.module:MyStrategy"), available()."""
+"""Aggregation strategies by name: create("fedavg"), load("my.module:MyStrategy"), available(),
+and agent_side("scaffold"), the agent's half of a method with side tensors."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 from fedloop.errors import ConfigError
 from fedloop.strategies.async_ import FedAsync, FedBuff
-from fedloop.strategies.base import RunningMean, Strategy, Update
+from fedloop.strategies.base import AgentSide, RunningMean, Strategy, Update
 from fedloop.strategies.dp import DPFedAvg
 from fedloop.strategies.fedavg import FedAvg, FedProx, fedavg
 from fedloop.strategies.fedcurv import FedCurv
@@ -52,6 +53,15 @@ _REGISTRY: dict[str, type[Strategy]] = {
 def available() -> list[str]:
     """Return the registry names create() accepts, sorted."""
     return sorted(_REGISTRY)
+
+
+def agent_side(name: str) -> AgentSide:
+    """Return the agent's half of the registered strategy `name` (`AgentSide`): for a name not
+    registered here (a `module:Class` strategy's), the default, which hands the engine the
+    shipped tensors as they are and keeps nothing."""
+    cls = _REGISTRY.get(name)
+    side = cls.agent_side if cls is not None else None
+    return side if side is not None else AgentSide()
 
 
 def create(name: str, **params: Any) -> Strategy:
@@ -123,6 +133,7 @@ def _instantiate(cls: type[Strategy], label: str, params: dict[str, Any]) -> Str
 
 
 __all__ = [
+    "AgentSide",
     "Bulyan",
     "DPFedAvg",
     "FedAdagrad",
@@ -144,6 +155,7 @@ __all__ = [
     "Strategy",
     "TrimmedMean",
     "Update",
+    "agent_side",
     "available",
     "create",
     "fedavg",

@@ -67,6 +67,32 @@ class Update:
             )
 
 
+TensorShape = tuple[tuple[int, ...], np.dtype[Any]]
+"""A tensor's shape and dtype: what an upload's extra tensor must have."""
+
+
+class AgentSide:
+    """The agent's half of a method with side tensors (SCAFFOLD, FedCurv): pure functions an
+    agent, or a simulation's virtual agent, applies around its engine's ``train``.
+
+    ``shipped`` is what the aggregator ships with the global model (`Strategy.shipped_state`);
+    ``kept`` what this agent kept after its last accepted upload (`keep`), {} at first, and
+    ``kept_round`` that upload's round (-1: none). The defaults hand the engine the shipped
+    tensors as they are and keep nothing.
+    """
+
+    def engine_state(
+        self, shipped: Weights, kept: Weights, kept_round: int, global_round: int
+    ) -> Weights:
+        """Return the tensors the engine trains with, its ``config["strategy_state"]``, for
+        training on global model ``global_round``."""
+        return dict(shipped)
+
+    def keep(self, kept: Weights, extras: Weights) -> Weights:
+        """Return what the agent keeps once its upload with these extra tensors is accepted."""
+        return {}
+
+
 class Strategy(ABC):
     """An aggregation method: global weights and local updates in, new global weights out."""
 
@@ -112,6 +138,35 @@ class Strategy(ABC):
             raise ValueError(
                 f"strategy {self.name!r} keeps no state but was given {sorted(state)[:5]}"
             )
+
+    # --- side tensors (docs/decisions/0011-strategy-side-tensors.md) -------------------------
+    # Prefixes of the extra tensors each upload carries besides the model: by default one per
+    # floating-point model tensor under each prefix (`upload_extras`), in Update.extras.
+    extra_prefixes: ClassVar[tuple[str, ...]] = ()
+    # The agent's half of the method; None: agents need nothing but the global model.
+    agent_side: ClassVar[AgentSide | None] = None
+    # How many agents are registered when the aggregator aggregates (it sets this before each
+    # aggregate); 0 outside an aggregator.
+    population: int = 0
+
+    def upload_extras(self, global_weights: Weights) -> dict[str, TensorShape]:
+        """Return the extra tensors every upload must carry: name -> (shape, dtype).
+
+        By default ``<prefix><tensor>`` for each of `extra_prefixes` and each floating-point
+        tensor of the global model, with that tensor's shape and dtype.
+        """
+        return {
+            prefix + key: (tuple(tensor.shape), tensor.dtype)
+            for prefix in self.extra_prefixes
+            for key, tensor in global_weights.items()
+            if tensor.dtype.kind == "f"
+        }
+
+    def shipped_state(self, global_weights: Weights) -> Weights:
+        """Return the tensors agents receive with ``global_weights`` (the newest global model),
+        for their engines: a part of state() or none (the default). Never secrets such as a
+        DP mechanism's noise state. Callers only read them."""
+        return {}
 
 
 # --- checking and ordering ------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""SCAFFOLD (Karimireddy et al. 2020, Algorithm 1), server side.
+"""SCAFFOLD (Karimireddy et al. 2020, Algorithm 1 with option II), server and agent sides.
 
 Each agent uploads its new weights y_i and, in ``extras``, its control-variate change
 Delta c_i = c_i+ - c_i for every floating-point tensor, named ``scaffold.dc/<tensor>``. The server
@@ -7,10 +7,16 @@ computes, unweighted over the |S| participating agents,
     x <- x + server_lr * (1/|S|) sum_i (y_i - x)
     c <- c + (|S|/N) * (1/|S|) sum_i Delta c_i
 
-with N = ``num_agents`` (all agents; 0 means |S|, i.e. full participation). The server control
-variate c lives in state() as float64 tensors ``scaffold.c/<tensor>``; the aggregator ships them
-to agents with the global model. Before the first aggregate the state is empty, meaning c = 0.
-round_config returns ``{"scaffold": True}`` (arrays cannot travel in round_config).
+with N = ``num_agents`` (all agents; 0 means the agents registered with the aggregator, or |S|
+outside one). The server control variate c lives in state() as float64 tensors
+``scaffold.c/<tensor>``, and the aggregator ships them to agents with each global model
+(`shipped_state`; zeros before the first aggregate). round_config returns ``{"scaffold": True}``.
+
+The agent (`ScaffoldAgent`) keeps its own control variate c_i (``scaffold.ci/<tensor>``,
+float64, zeros at first) and hands its engine c and c_i. The engine corrects every local
+gradient, g <- g - c_i + c, takes K steps of learning rate lr from x to y_i, and returns
+Delta c_i = -c + (x - y_i) / (K lr) (`control_delta`: option II, c_i+ = c_i - c + (x - y_i) /
+(K lr)). Once the upload is accepted the agent keeps c_i + Delta c_i.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fedloop.strategies.base import (
+    AgentSide,
     Array,
     RoundConfig,
     Strategy,
@@ -39,6 +46,7 @@ from fedloop.types import Weights
 
 CONTROL_PREFIX = "scaffold.c/"
 DELTA_PREFIX = "scaffold.dc/"
+LOCAL_PREFIX = "scaffold.ci/"
 
 
 def scaffold_step(
@@ -52,10 +60,59 @@ def scaffold_step(
     return x_new, c_new
 
 
+def control_delta(c: Array, x: Array, y: Array, local_steps: int, lr: float) -> Array:
+    """Return Delta c_i = c_i+ - c_i = -c + (x - y) / (K lr), option II, in float64.
+
+    ``x`` is the global model trained from, ``y`` the model after K = ``local_steps`` steps
+    of learning rate ``lr``. No step (K = 0) gives no new estimate: Delta c_i = 0.
+    """
+    if local_steps <= 0:
+        return np.zeros(np.shape(c), dtype=np.float64)
+    if lr <= 0:
+        raise ValueError(f"SCAFFOLD needs a learning rate > 0, got {lr}")
+    return -as_f64(c) + (as_f64(x) - as_f64(y)) / (local_steps * lr)
+
+
+class ScaffoldAgent(AgentSide):
+    """SCAFFOLD's agent side: the engine gets c (``scaffold.c/``) and c_i (``scaffold.ci/``);
+    the agent keeps c_i + Delta c_i once its upload is accepted."""
+
+    def engine_state(
+        self, shipped: Weights, kept: Weights, kept_round: int, global_round: int
+    ) -> Weights:
+        out: Weights = {}
+        for name, c in shipped.items():
+            if not name.startswith(CONTROL_PREFIX):
+                raise ValueError(f"SCAFFOLD ships scaffold.c/ tensors only, not {name!r}")
+            local = LOCAL_PREFIX + name[len(CONTROL_PREFIX) :]
+            ci = kept.get(local)
+            if ci is not None and ci.shape != c.shape:
+                raise ValueError(
+                    f"the kept control variate {local!r} has shape {ci.shape}, the server's "
+                    f"{c.shape}: it belongs to another model"
+                )
+            out[name] = c
+            out[local] = ci if ci is not None else np.zeros(c.shape, dtype=np.float64)
+        return out
+
+    def keep(self, kept: Weights, extras: Weights) -> Weights:
+        out: Weights = {}
+        for name, delta in extras.items():
+            if not name.startswith(DELTA_PREFIX):
+                continue
+            local = LOCAL_PREFIX + name[len(DELTA_PREFIX) :]
+            ci = kept.get(local)
+            out[local] = (as_f64(ci) if ci is not None else 0.0) + as_f64(delta)
+        return out
+
+
 class Scaffold(Strategy):
-    """SCAFFOLD: server learning rate ``server_lr`` (1.0) and ``num_agents`` N (0 = |S|)."""
+    """SCAFFOLD: server learning rate ``server_lr`` (1.0) and ``num_agents`` N (0: the agents
+    registered with the aggregator)."""
 
     name = "scaffold"
+    extra_prefixes = (DELTA_PREFIX,)
+    agent_side = ScaffoldAgent()
 
     def __init__(self, server_lr: float = 1.0, num_agents: int = 0) -> None:
         self.server_lr = param_float(self.name, "server_lr", server_lr, low=0.0, low_open=True)
@@ -79,7 +136,7 @@ class Scaffold(Strategy):
             dcs = stack_extras(ordered, DELTA_PREFIX + key, x.shape)
             c = self._c.get(key, np.zeros_like(x))
             result[key], control[key] = scaffold_step(
-                x, stack(ordered, key), c, dcs, self.server_lr, self.num_agents
+                x, stack(ordered, key), c, dcs, self.server_lr, self.num_agents or self.population
             )
         self._c = control
         return assemble(global_weights, result, ordered, "mean")
@@ -89,6 +146,15 @@ class Scaffold(Strategy):
 
     def state(self) -> Weights:
         return {CONTROL_PREFIX + key: c.copy() for key, c in self._c.items()}
+
+    def shipped_state(self, global_weights: Weights) -> Weights:
+        """Return c, float64: zeros before the first aggregate."""
+        return {
+            CONTROL_PREFIX + key: self._c[key]
+            if key in self._c
+            else np.zeros(global_weights[key].shape, dtype=np.float64)
+            for key in float_keys(global_weights)
+        }
 
     def load_state(self, state: Weights) -> None:
         (self._c,) = split_state(state, [CONTROL_PREFIX], self.name)
