@@ -28,6 +28,7 @@ def test_openapi_describes_every_route(api: Api) -> None:
         "/v1/updates",
         "/v1/models/global/latest",
         "/v1/models/global/{round}",
+        "/v1/models/global/{round}/state",
         "/v1/evaluations",
         "/v1/status",
         "/v1/history",

@@ -233,16 +233,22 @@ class AggregatorClient:
         raise Refused(detail or text[:500], status, code or "http_error")
 
     def _download(
-        self, path: str, params: Mapping[str, Any] | None = None, timeout: float | None = None
+        self,
+        path: str,
+        params: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        pooled: bool = True,
     ) -> tuple[httpx.Headers, bytearray | bytes] | None:
         """GET a model body streamed into one buffer preallocated from its Content-Length.
 
         `response.content` would hold httpx's chunks and their join: two copies of the model at
-        once. Returns None for a 204 ("not yet"); errors as `_send`.
+        once. Returns None for a 204 ("not yet"); errors as `_send`. ``pooled``: the buffer
+        comes from `bodies`, the pool of global models' buffers.
         """
         headers = auth_header(self.token)
+        pool = self.bodies if pooled else None
         if self.bulk is not None:
-            return self._download_bulk(self.bulk, path, params, headers, timeout)
+            return self._download_bulk(self.bulk, path, params, headers, timeout, pool)
         extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
         try:
             with self.http.stream("GET", path, params=params, headers=headers, **extra) as response:
@@ -251,7 +257,7 @@ class AggregatorClient:
                 if response.status_code >= 400:
                     response.read()
                     self._check(response)
-                return response.headers, _read_into_buffer(response, self.bodies)
+                return response.headers, _read_into_buffer(response, pool)
         except httpx.TransportError as exc:  # also a connection lost mid-body
             raise self._unreachable(exc) from exc
 
@@ -262,6 +268,7 @@ class AggregatorClient:
         params: Mapping[str, Any] | None,
         headers: Mapping[str, str],
         timeout: float | None,
+        pool: BodyPool[HashedBody] | None,
     ) -> tuple[httpx.Headers, bytearray | bytes] | None:
         """`_download` over http.client: the socket reads straight into the body's buffer."""
         try:
@@ -273,7 +280,7 @@ class AggregatorClient:
                 declared = response.headers.get("content-length")
                 if declared is None or response.headers.get("content-encoding"):
                     raise ConnectionFailed("the model body came without a plain Content-Length")
-                buffer = BodyBuffer(int(declared), self.bodies)
+                buffer = BodyBuffer(int(declared), pool)
                 while buffer.filled < len(buffer.body):
                     got = response.readinto(buffer.view[buffer.filled :])
                     if not got:
@@ -353,6 +360,14 @@ class AggregatorClient:
         result = self._download(f"/v1/models/global/{round_number}")
         if result is None:
             raise ProtocolError(f"the aggregator sent no body for global model {round_number}")
+        return codec.decode(memoryview(result[1]).toreadonly())
+
+    def strategy_state(self, round_number: int) -> Weights:
+        """Return the tensors the strategy shipped with global model `round_number` (SCAFFOLD's
+        c, FedCurv's sums: `GlobalModelInfo.side.state`), in a buffer of their own."""
+        result = self._download(f"/v1/models/global/{round_number}/state", pooled=False)
+        if result is None:
+            raise ProtocolError(f"the aggregator sent no body for the state of {round_number}")
         return codec.decode(memoryview(result[1]).toreadonly())
 
     def report(self, agent_id: str, round_number: int, metrics: Mapping[str, float]) -> None:

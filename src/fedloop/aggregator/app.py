@@ -254,6 +254,17 @@ def create_app(config: AggregatorConfig, aggregator: Aggregator | None = None) -
             return ModelResponse(model.parts, headers=headers)
         return BlobResponse(agg.blobs.path(row.model_id), headers=headers)
 
+    async def strategy_state(request: Request) -> Response:
+        # What the strategy ships with a global model (SCAFFOLD's c, …): for the same readers
+        # as the model itself, immutable once the model is committed.
+        agg.require_reader(await who(request))
+        parts = await agg.shipped(int(request.path_params["round"]))
+        response = ModelResponse(
+            parts, headers={"cache-control": "public, max-age=31536000, immutable"}
+        )
+        agg.stats["bytes_out"] += response.size
+        return response
+
     async def evaluations(request: Request) -> Response:
         principal = await who(request)
         body = await read_body(request, MAX_JSON_BYTES)
@@ -351,6 +362,7 @@ def create_app(config: AggregatorConfig, aggregator: Aggregator | None = None) -
         Route("/v1/updates", upload, methods=["POST"]),
         Route("/v1/models/global/latest", latest_global),
         Route("/v1/models/global/{round:int}", global_by_round),
+        Route("/v1/models/global/{round:int}/state", strategy_state),
         Route("/v1/evaluations", evaluations, methods=["POST"]),
         Route("/v1/status", status),
         Route("/v1/history", history),

@@ -157,7 +157,11 @@ def _errors(*codes: tuple[int, str]) -> dict[str, Any]:
 
 
 _BAD_MESSAGE = (400, "missing_message, bad_json, unsupported_protocol or bad_model")
-_INVALID = (422, "invalid_message, or a model that does not match (bad_dtype, wrong_names, …)")
+_INVALID = (
+    422,
+    "invalid_message, a model that does not match (bad_dtype, wrong_names, …), or "
+    "missing_extras / wrong_extras: the strategy's extra tensors are absent or do not match",
+)
 _TOO_LARGE = (413, "too_large: the body is over max_model_bytes")
 
 
@@ -356,7 +360,13 @@ def _document() -> dict[str, Any]:
                 "operationId": "upload",
                 "summary": "Upload a local model for a round.",
                 "parameters": [_message_header(UploadRequest, True, "Required.")],
-                "requestBody": {**_MODEL_BODY, "required": True},
+                "requestBody": {
+                    **_MODEL_BODY,
+                    "required": True,
+                    "description": "The local model; with a strategy that has side tensors "
+                    "(SCAFFOLD, FedCurv) also its extra tensors, named <prefix><tensor>, "
+                    "in the same safetensors body.",
+                },
                 "responses": {
                     "200": _json(UploadResponse, "the local model was accepted"),
                     **_errors(
@@ -444,6 +454,35 @@ def _document() -> dict[str, Any]:
                         "content": _MODEL_BODY["content"],
                     },
                     **_errors((404, "no_such_round: no global model for that round")),
+                },
+            }
+        },
+        "/v1/models/global/{round}/state": {
+            "get": {
+                "operationId": "strategyState",
+                "summary": "The tensors the strategy ships with a global model (SCAFFOLD's "
+                "control variate, FedCurv's sums), when GlobalModelInfo.side.state says so.",
+                "parameters": [
+                    {
+                        "name": "round",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "integer", "minimum": 0},
+                    }
+                ],
+                "responses": {
+                    "200": {
+                        "description": "the shipped tensors (safetensors, float64)",
+                        "content": _MODEL_BODY["content"],
+                    },
+                    **_errors(
+                        (403, "wrong_token_type: an enrollment token"),
+                        (
+                            404,
+                            "no_such_round: no global model for that round; no_state: the "
+                            "strategy ships no tensors with it",
+                        ),
+                    ),
                 },
             }
         },

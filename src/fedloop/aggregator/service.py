@@ -29,6 +29,7 @@ import numpy as np
 
 from fedloop._loading import load_engine
 from fedloop.aggregator.secure import SecureAggregation
+from fedloop.aggregator.side import ShippedParts, UploadSide
 from fedloop.config import AggregatorConfig
 from fedloop.errors import ConfigError, ProtocolError
 from fedloop.logs import current_agent, set_round_source
@@ -98,6 +99,8 @@ class GlobalModel:
     metrics: dict[str, float] = field(default_factory=dict)
     # Its blob's id once stored: same-machine readers (simulation workers) map that file.
     model_id: str | None = None
+    # The tensors its strategy ships to agents with it (SCAFFOLD's c, …), encoded; None: none.
+    shipped: ShippedParts | None = None
 
     @classmethod
     def of(
@@ -185,6 +188,9 @@ class Aggregator:
         )
         self.lock = asyncio.Lock()
         self.spec: ModelSpec | None = None
+        # The strategy's side tensors (SCAFFOLD, FedCurv), once the model is known; None for
+        # strategies without (FedAvg, …), whose uploads take the path they always took.
+        self.side: UploadSide | None = None
         self.agents: dict[str, str] = {}  # id -> name
         self.agent_ids: dict[str, str] = {}  # name -> id
         self.last_seen: dict[str, float] = {}
@@ -274,6 +280,7 @@ class Aggregator:
             if latest.state_id:
                 self.strategy = self._committed_strategy(latest)
             self.finished = bool(self.config.rounds) and latest.round >= self.config.rounds
+            self._side_for(self.global_model)
         opened = self.store.open_round()
         if opened is None and self.global_model is not None and not self.finished:
             # `rounds` was raised after the run had finished: no round was opened after the
@@ -298,13 +305,18 @@ class Aggregator:
                     )
                     dropped.append(row.id)
                     continue
+                weights = codec.decode(self.blobs.get(row.model_id))
+                extras: Weights = {}
+                if self.side is not None:  # the extras are stored with the local model
+                    weights, extras = self.side.split(weights)
                 self._hold(
                     Update(
-                        weights=codec.decode(self.blobs.get(row.model_id)),
+                        weights=weights,
                         num_samples=row.num_samples,
                         agent_id=row.agent_id,
                         base_round=row.base_round,
                         metrics=dict(row.metrics),
+                        extras=extras,
                     )
                 )
             # Its row goes too: it would refuse the agent's re-send as a duplicate, and the
@@ -389,7 +401,47 @@ class Aggregator:
             round=self.global_model.round,
             config=self.strategy.round_config(self.global_model.round + 1),
             finished=self.finished,
+            side=None
+            if self.side is None
+            else self.side.info(self.global_model.shipped is not None),
         )
+
+    def _side_for(self, model: GlobalModel) -> None:
+        """Learn the strategy's side tensors for the model (once it is known), and encode
+        what the strategy ships with `model`."""
+        assert self.spec is not None
+        self.side = UploadSide.of(self.strategy, self.spec, model.weights)
+        if self.side is not None:
+            model.shipped = self.side.ship(self.strategy, model.weights)
+
+    async def shipped(self, round_number: int) -> ShippedParts:
+        """Return the tensors the strategy shipped with global model `round_number`, encoded
+        (`GET /v1/models/global/{round}/state`); a 404 ProtocolError when there are none."""
+        model = self.global_model
+        if model is not None and model.round == round_number:
+            parts = model.shipped
+        else:
+            parts = await asyncio.to_thread(self._shipped_of, round_number)
+        if parts is None:
+            raise ProtocolError(
+                f"strategy {self.strategy.name!r} ships no tensors with global model "
+                f"{round_number}",
+                404,
+                "no_state",
+            )
+        return parts
+
+    def _shipped_of(self, round_number: int) -> ShippedParts | None:
+        """What the strategy shipped with an older global model: from its committed state."""
+        row = self.store.global_model(round_number) if round_number <= 2**63 - 1 else None
+        if row is None:
+            raise ProtocolError(
+                f"there is no global model for round {round_number}", 404, "no_such_round"
+            )
+        if self.side is None:
+            return None
+        weights = codec.decode(self.blobs.get(row.model_id))
+        return self.side.ship(self._committed_strategy(row), weights)
 
     async def wait_for_global(
         self, after: int, timeout: float, agent_id: str | None = None
@@ -672,6 +724,7 @@ class Aggregator:
         if metrics:
             self.store.set_global_metrics(0, metrics)
         model.metrics, model.model_id = metrics, model_id
+        self._side_for(model)
         self.global_model = model
         self.round, self.round_started = 1, now
 
@@ -809,12 +862,16 @@ class Aggregator:
         # in the pass that checks its values (`direct`: not on the event loop's thread).
         digest: str | None = getattr(body, "digest", None)
         hasher = new_hasher() if digest is None else None
+        spec = self.spec
+        if self.side is not None:  # the body holds the strategy's extra tensors too
+            refusal = self.side.refusal(body)
+            if refusal is not None:
+                return refusal
+            spec = self.side.spec
         try:
             # A simulation worker checked the values it wrote (`MappedBody.finite`): names,
             # shapes and dtypes are checked here, every value again only for other bodies.
-            weights = codec.decode_checked(
-                body, self.spec, not getattr(body, "finite", False), hasher
-            )
+            weights = codec.decode_checked(body, spec, not getattr(body, "finite", False), hasher)
         except ProtocolError as exc:
             return exc
         digest = hasher.hexdigest() if hasher is not None else digest
@@ -991,6 +1048,9 @@ class Aggregator:
                 outcomes[i] = exc
                 continue
             weights, model_id = result
+            extras: Weights = {}
+            if self.side is not None:
+                weights, extras = self.side.split(weights)
             base = request.round - 1 if self.asynchronous else self.global_round
             row = LocalModelRow(
                 agent_id=request.agent_id,
@@ -1008,6 +1068,7 @@ class Aggregator:
                 agent_id=request.agent_id,
                 base_round=base,
                 metrics=request.metrics,
+                extras=extras,
             )
             accepted.append((i, row, update))
         if accepted:
@@ -1218,6 +1279,7 @@ class Aggregator:
             if like is not None and self.streams and self.running.count > 1
             else (None, None)
         )
+        self.strategy.population = len(self.agents)
         # Async strategies take t, the version the updates' staleness is measured against.
         result = self.strategy.aggregate(
             self.global_model.weights,
@@ -1256,6 +1318,8 @@ class Aggregator:
         model_id = self.blobs.put_parts(model.parts)
         state = self.strategy.state()
         state_id = self.blobs.put(codec.encode(state)) if state else None
+        if self.side is not None:
+            model.shipped = self.side.ship(self.strategy, new)
         metrics = self._evaluate(new)
         # The (ε, δ) spent up to and including this round, kept with its global model for
         # `fedloop history` and the report; a restart reloads the state that produced it.

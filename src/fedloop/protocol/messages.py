@@ -98,12 +98,32 @@ class UploadResponse(Reply):
     needed: int
 
 
+class SideTensors(BaseModel):
+    """What a strategy with side tensors (SCAFFOLD, FedCurv) asks of agents in a round.
+
+    ``extras``: prefixes of the extra tensors each upload must carry in its body besides the
+    model (``scaffold.dc/<tensor>``, …); the aggregator checks their exact names, shapes and
+    dtypes. ``state``: ``GET /v1/models/global/{round}/state`` serves the tensors the strategy
+    ships with this global model (SCAFFOLD's c, FedCurv's sums).
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    strategy: str
+    extras: list[str] = Field(default_factory=list)
+    state: bool = False
+
+
 class GlobalModelInfo(Reply):
-    """Sent with a global model: its round and the config for the next round of training."""
+    """Sent with a global model: its round and the config for the next round of training.
+
+    ``side``: set when the strategy exchanges side tensors with agents (docs/protocol.md); an
+    agent that cannot must not train for it.
+    """
 
     round: int
     config: dict[str, ConfigValue] = Field(default_factory=dict)
     finished: bool = False
+    side: SideTensors | None = None
 
 
 class PushMessage(Reply):
