@@ -30,6 +30,7 @@ import numpy as np
 
 from fedloop.agent.client import (
     NO_SECAGG,
+    NO_SIDE,
     POLL_GAP,
     BodyBuffer,
     ModelBody,
@@ -338,6 +339,8 @@ class AsyncAgent:
             info, data = fetched
             fetched = None  # else this round's buffer lives on through the next download
             result.global_round, result.finished = info.round, info.finished
+            if info.side is not None and not info.finished:
+                raise FedloopError(NO_SIDE.format(agent="AsyncAgent", strategy=info.side.strategy))
             weights = codec.decode(data)
             if self.evaluate_global:
                 await self._evaluate(http, result.agent_id, info.round, weights, info.config)

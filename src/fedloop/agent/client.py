@@ -121,6 +121,12 @@ NO_SECAGG = (
     "the aggregator runs secure aggregation ([secagg] enabled), which {agent} does not speak: "
     "its uploads would be refused; use `fedloop agent` (fedloop.agent.runner.Agent)"
 )
+# What agents that pass no side tensors say when the strategy exchanges them (SCAFFOLD, …).
+NO_SIDE = (
+    "the aggregator's strategy {strategy!r} exchanges side tensors with agents, which {agent} "
+    "does not pass: its uploads would be refused; use `fedloop agent` "
+    "(fedloop.agent.runner.Agent)"
+)
 
 
 class Refused(ProtocolError):

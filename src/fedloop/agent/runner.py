@@ -20,13 +20,15 @@ from fedloop.agent.client import (
     ModelBody,
     PushListener,
     Refused,
+    body_parts,
     retry,
 )
 from fedloop.agent.keeper import LocalKeeper
+from fedloop.agent.side import KeptTensors, StrategySide, kept_file
 from fedloop.agent.state import AgentState, Phase, StateDir
 from fedloop.errors import EngineError, FedloopError
 from fedloop.protocol import codec
-from fedloop.protocol.messages import RegisterResponse
+from fedloop.protocol.messages import RegisterResponse, SideTensors
 from fedloop.types import Weights
 
 log = logging.getLogger("fedloop.agent")
@@ -121,6 +123,8 @@ class Agent:
         self._order: list[str] | None = None  # the global model's tensor names, in order
         # The local model of the round being sent, written to `dir` if its upload is slow.
         self._keeper = LocalKeeper(keep_local_after, self._save_local)
+        # With a strategy that has side tensors: the extras of the local model being sent.
+        self._extras: tuple[int, Weights] | None = None
 
     @property
     def keep_local_after(self) -> float:
@@ -292,6 +296,7 @@ class Agent:
         self._global_bytes = (info.round, data)
         self._order = list(codec.decode(data))  # views: costs no copy
         self.state.global_round, self.state.config = info.round, dict(info.config)
+        self.state.side = None if info.side is None else info.side.model_dump()
         self.state.finished = info.finished
         if self.evaluate_global or info.finished:
             self._enter(Phase.GM_READY)
@@ -332,15 +337,41 @@ class Agent:
         except Refused as exc:
             log.info("evaluation of round %d not stored: %s", round_number, exc)
 
+    def _side(self) -> StrategySide | None:
+        """This round's side of a strategy with side tensors (SCAFFOLD, …), or None."""
+        if self.state.side is None:
+            return None
+        info = SideTensors.model_validate(self.state.side)
+        assert self.state.agent_id is not None
+        return StrategySide(
+            info, KeptTensors(kept_file(self.dir.path, info.strategy, self.state.agent_id))
+        )
+
     def _train(self) -> None:
         self._enter(Phase.TRAINING)
         weights = self._held_global()
         config = {**self.state.config, "round": self.state.global_round + 1}
+        side = self._side()
+        if side is not None:
+            round_number = self.state.global_round
+            shipped = (
+                self._call(lambda: self.client.strategy_state(round_number))
+                if side.info.state
+                else {}
+            )
+            config = side.engine_config(config, shipped, round_number)
+            del shipped
         new, num_samples, metrics = self._engine_call(
             "train", self.state.global_round + 1, weights, config
         )
+        extras: Weights = {}
+        if side is not None:
+            new, extras = side.split(new, self.global_order(), self.engine)
+            self._extras = (self.state.global_round + 1, extras)
         self._check_trained(new, weights)
-        del weights
+        del weights, config
+        if extras:
+            new = {**new, **extras}
         self._global_bytes = None  # trained on: its buffer goes unless `new` views it
         meta = {
             "round": self.state.global_round + 1,
@@ -349,6 +380,13 @@ class Agent:
         }
         data = codec.encode_parts(new)  # views of `new`: written and uploaded without a copy
         self._local = (data, meta)
+        if side is not None:
+            # What the agent keeps depends on this upload being accepted: the model goes to
+            # `dir` before it is sent, so that a restart sends these very bytes again and a
+            # duplicate_upload then means the aggregator has them.
+            self.state.phase = Phase.SENDING
+            self._save_local(data, meta, dataclasses.replace(self.state))
+            return
         # The upload starts at once. If it is not answered within `keep_local_after`, the local
         # model goes to `dir`, on a thread, and only then is `sending` saved: a restart resumes
         # the upload from the file. An agent killed before that trains again, and if its first
@@ -386,6 +424,18 @@ class Agent:
                 f"of round {self.state.global_round}: {exc}"
             ) from exc
 
+    def _side_accepted(self, data: ModelBody, round_number: int) -> None:
+        """Keep what the strategy's agent side keeps once the upload of `round_number` is in."""
+        side = self._side()
+        if side is None:
+            return
+        if self._extras is not None and self._extras[0] == round_number:
+            extras = self._extras[1]
+        else:  # resumed after a restart: the body read back from `dir`
+            joined = data if isinstance(data, bytes | bytearray) else b"".join(body_parts(data))
+            extras = side.extras_of(codec.decode(joined))
+        side.accepted(extras, round_number)
+
     def _send(self) -> None:
         pending, self._local = self._local or self.dir.load_local(), None
         if pending is not None and not {"round", "num_samples", "metrics"} <= pending[1].keys():
@@ -421,6 +471,7 @@ class Agent:
                 if self.asynchronous:
                     self._wait_after = max(self._wait_after, reply.round - 1)
                 log.info("round %d: uploaded (%d/%d)", reply.round, reply.uploads, reply.needed)
+                self._side_accepted(data, meta["round"])
             except Refused as exc:
                 if exc.code == "duplicate_upload":
                     # An earlier attempt got through (its answer was lost, or this agent was
@@ -428,10 +479,12 @@ class Agent:
                     # of the round.
                     self.state.rounds_trained += 1
                     log.info("round %d: already uploaded", meta["round"])
+                    self._side_accepted(data, meta["round"])  # what follows is kept once
                 elif exc.code in _OVERTAKEN | _DAMAGED:
                     log.info("local model of round %d discarded: %s", meta["round"], exc)
                 else:
                     raise  # kept for a restart (an unreachable aggregator is retried in _call)
+        self._extras = None
         self._keeper.answered()  # answered, refused, overtaken or sent securely: nothing to keep
         self._saved()
         self.dir.clear_local()

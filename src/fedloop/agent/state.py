@@ -40,6 +40,8 @@ class AgentState:
     config: dict[str, Any] = field(default_factory=dict)  # the round config sent with it
     rounds_trained: int = 0
     finished: bool = False
+    # The strategy's side tensors sent with that global model (GlobalModelInfo.side), if any.
+    side: dict[str, Any] | None = None
 
 
 def _atomic_write(path: Path, data: ModelBody, durable: bool = True) -> None:
