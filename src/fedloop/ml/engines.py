@@ -19,7 +19,17 @@ from torch import nn
 from fedloop.errors import ConfigError
 from fedloop.ml import data, partition
 from fedloop.ml.models import Net, PaperCNN
-from fedloop.ml.torch import load_weights, proximal_term, tensors_like, to_weights
+from fedloop.ml.torch import (
+    fedcurv_penalty,
+    fisher_diagonal,
+    load_weights,
+    proximal_term,
+    scaffold_correction,
+    tensors_like,
+    to_weights,
+    trainable_names,
+)
+from fedloop.strategies import fedcurv, scaffold
 from fedloop.types import Weights
 
 __all__ = [
@@ -57,6 +67,18 @@ class TorchClassifier:
     (``config["round"]`` or, without it, the number of ``train`` calls so far), so runs are
     reproducible. ``config`` may override ``epochs``, ``lr`` and ``batch_size`` for a round and
     carry ``proximal_mu`` (FedProx: adds mu/2 * ||w - w_global||^2 to the loss).
+
+    Strategies with side tensors (``config["strategy"]``, README "Strategies with side
+    tensors"):
+
+    - ``scaffold``: every gradient of a trainable parameter is corrected, g <- g - c_i + c,
+      with plain SGD steps (momentum off: option II's (x - y) / (K lr) assumes them), and
+      ``scaffold.dc/<tensor>`` = -c + (x - y) / (K lr) is returned for each floating tensor
+      (0 for buffers and frozen parameters, which no gradient moves).
+    - ``fedcurv``: the loss gets lambda * sum_{j != s} (w - w_j)^T diag(F_j) (w - w_j) from the
+      other agents' sums, and after training the empirical Fisher diagonal F on the local data
+      is returned as ``fedcurv.fisher/<tensor>`` with ``fedcurv.fw/<tensor>`` = F * w (0 for
+      buffers and frozen parameters).
     """
 
     def __init__(
@@ -125,17 +147,40 @@ class TorchClassifier:
         lr = float(config.get("lr", self.lr))
         mu = float(config.get("proximal_mu", 0.0))
         round_ = int(config.get("round", self._calls))
+        strategy = config.get("strategy")
         self._calls += 1
         if epochs < 0 or batch_size < 1 or lr <= 0 or mu < 0:
             raise ConfigError(
                 f"bad training config: epochs={epochs}, batch_size={batch_size}, lr={lr}, "
                 f"proximal_mu={mu}; need epochs >= 0, batch_size >= 1, lr > 0, proximal_mu >= 0."
             )
+        if strategy not in (None, "scaffold", "fedcurv"):
+            raise ConfigError(
+                f"TorchClassifier does not support strategy {strategy!r}, whose agents exchange "
+                "side tensors; it supports scaffold and fedcurv"
+            )
         model = self.model
         load_weights(model, weights)
         global_params = tensors_like(model, weights) if mu > 0 else None
+        trainable = trainable_names(model)
+        state: Mapping[str, Any] = config.get("strategy_state") or {}
+        controls = penalty = None
+        if strategy == "scaffold":
+            controls = (
+                tensors_like(model, _side(state, scaffold.CONTROL_PREFIX, trainable), trainable),
+                tensors_like(model, _side(state, scaffold.LOCAL_PREFIX, trainable), trainable),
+            )
+        lam = float(config.get("fedcurv_lambda", 0.0))
+        if strategy == "fedcurv" and state and lam > 0:  # no sums before the first round
+            penalty = (
+                tensors_like(model, _side(state, fedcurv.FISHER_PREFIX, trainable), trainable),
+                tensors_like(model, _side(state, fedcurv.PRODUCT_PREFIX, trainable), trainable),
+            )
         optimizer = torch.optim.SGD(
-            model.parameters(), lr=lr, momentum=self.momentum, weight_decay=self.weight_decay
+            model.parameters(),
+            lr=lr,
+            momentum=0.0 if controls is not None else self.momentum,
+            weight_decay=self.weight_decay,
         )
         rng = np.random.default_rng([self.seed, round_])
         n = len(self._y)
@@ -153,7 +198,11 @@ class TorchClassifier:
                 total = loss
                 if global_params is not None:
                     total = loss + proximal_term(model, global_params, mu)
+                if penalty is not None:
+                    total = total + fedcurv_penalty(model, *penalty, None, None, lam)
                 total.backward()  # type: ignore[no-untyped-call]
+                if controls is not None:
+                    scaffold_correction(model, *controls)  # g <- g - c_i + c
                 optimizer.step()
                 steps += 1
                 loss_sum += float(loss.detach()) * len(idx)
@@ -165,7 +214,19 @@ class TorchClassifier:
         }
         if self._test is not None:
             metrics["accuracy"] = self._score(*self._test)["accuracy"]
-        return to_weights(model), n, metrics
+        new = to_weights(model)
+        if strategy == "scaffold":
+            new.update(_scaffold_extras(weights, new, state, set(trainable), steps, lr))
+        elif strategy == "fedcurv":
+            fisher = fisher_diagonal(
+                model,
+                (
+                    (self._x[i : i + batch_size], self._y[i : i + batch_size])
+                    for i in range(0, n, batch_size)
+                ),
+            )
+            new.update(_fedcurv_extras(new, fisher))
+        return new, n, metrics
 
     def evaluate(self, weights: Weights, config: Mapping[str, Any]) -> dict[str, float]:
         """Return {"accuracy", "loss"} of ``weights`` on the test set ({} without a test set)."""
@@ -186,6 +247,47 @@ class TorchClassifier:
                 loss_sum += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
                 correct += int((out.argmax(dim=1) == yb).sum())
         return {"accuracy": correct / len(y), "loss": loss_sum / len(y)}
+
+
+def _side(state: Mapping[str, Any], prefix: str, names: list[str]) -> dict[str, Any]:
+    """Return the strategy-state tensors ``prefix + name`` by name, or raise a ConfigError."""
+    missing = [prefix + n for n in names if prefix + n not in state]
+    if missing:
+        raise ConfigError(
+            f"config['strategy_state'] lacks {missing[:3]}: the agent must pass the tensors its "
+            "aggregator ships with the global model (an older aggregator sends none; upgrade it)"
+        )
+    return {n: state[prefix + n] for n in names}
+
+
+def _scaffold_extras(
+    x: Weights, y: Weights, state: Mapping[str, Any], trainable: set[str], steps: int, lr: float
+) -> Weights:
+    """Return Delta c_i = -c + (x - y) / (K lr) per floating tensor (option II); 0 where no
+    gradient moves the tensor (buffers, frozen parameters)."""
+    out: Weights = {}
+    for name, tensor in y.items():
+        if tensor.dtype.kind != "f":
+            continue
+        if name in trainable:
+            c = np.asarray(state[scaffold.CONTROL_PREFIX + name])
+            delta = scaffold.control_delta(c, x[name], tensor, steps, lr)
+        else:
+            delta = np.zeros(tensor.shape)
+        out[scaffold.DELTA_PREFIX + name] = delta.astype(tensor.dtype)
+    return out
+
+
+def _fedcurv_extras(y: Weights, fisher: Weights) -> Weights:
+    """Return FedCurv's F and F * w per floating tensor; 0 where no gradient moves it."""
+    out: Weights = {}
+    for name, tensor in y.items():
+        if tensor.dtype.kind != "f":
+            continue
+        f = np.asarray(fisher[name], dtype=np.float64) if name in fisher else np.zeros(tensor.shape)
+        out[fedcurv.FISHER_PREFIX + name] = f.astype(tensor.dtype)
+        out[fedcurv.PRODUCT_PREFIX + name] = (f * tensor).astype(tensor.dtype)
+    return out
 
 
 def _digits_split(seed: int) -> tuple[Dataset, Dataset]:

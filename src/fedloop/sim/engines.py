@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from fedloop.errors import ConfigError
+from fedloop.strategies import fedcurv, scaffold
 from fedloop.types import Weights
 
 __all__ = ["LogRegEngine", "logreg_engine"]
@@ -86,10 +87,36 @@ class LogRegEngine:
         plain SGD), which FedNova needs.
 
         ``config`` may override ``epochs`` and ``lr`` and carry ``proximal_mu`` (FedProx).
+        With ``config["strategy"]`` ``scaffold`` every step's gradient is corrected,
+        g <- g - c_i + c, and ``scaffold.dc/`` = -c + (x - y) / (K lr) is returned (option II);
+        with ``fedcurv`` the gradient of lambda * sum_{j != s} (w - w_j)^T diag(F_j) (w - w_j)
+        is added, and the Fisher diagonal F of the local log-likelihood at the trained
+        weights is returned as ``fedcurv.fisher/`` with ``fedcurv.fw/`` = F * w.
         """
         epochs = int(config.get("epochs", self.epochs))
         lr = float(config.get("lr", self.lr))
         mu = float(config.get("proximal_mu", 0.0))
+        strategy = config.get("strategy")
+        if strategy not in (None, "scaffold", "fedcurv"):
+            raise ConfigError(
+                f"LogRegEngine does not support strategy {strategy!r}, whose agents exchange "
+                "side tensors; it supports scaffold and fedcurv"
+            )
+        state: Mapping[str, Any] = config.get("strategy_state") or {}
+        # The constant part of each step's gradient: SCAFFOLD's c - c_i, FedCurv's -2λ·FW;
+        # FedCurv's 2λ·F multiplies w.
+        shift = {"w": np.zeros(self.x.shape[1]), "b": np.zeros(1)}
+        curvature = {"w": np.zeros(self.x.shape[1]), "b": np.zeros(1)}
+        if strategy == "scaffold":
+            for key in shift:
+                shift[key] = _state(state, scaffold.CONTROL_PREFIX + key) - _state(
+                    state, scaffold.LOCAL_PREFIX + key
+                )
+        lam = float(config.get("fedcurv_lambda", 0.0))
+        if strategy == "fedcurv" and state:  # no sums before the first round
+            for key in shift:
+                curvature[key] = 2 * lam * _state(state, fedcurv.FISHER_PREFIX + key)
+                shift[key] = -2 * lam * _state(state, fedcurv.PRODUCT_PREFIX + key)
         w = np.array(weights["w"], dtype=np.float64)
         b = float(np.asarray(weights["b"]).reshape(-1)[0])
         w0, b0 = w.copy(), b
@@ -104,13 +131,35 @@ class LogRegEngine:
                 err = _sigmoid(xb @ w + b) - yb
                 grad_w = xb.T @ err / len(idx) + mu * (w - w0)
                 grad_b = float(err.mean()) + mu * (b - b0)
+                grad_w += curvature["w"] * w + shift["w"]
+                grad_b += float(curvature["b"][0] * b + shift["b"][0])
                 w -= lr * grad_w
                 b -= lr * grad_b
                 steps += 1
         metrics = self._score(w, b, self.x, self.y)
         metrics.update(local_steps=float(steps), local_momentum=0.0)
         new = {"w": w.astype(np.float32), "b": np.array([b], dtype=np.float32)}
+        if strategy == "scaffold":
+            start_ = {"w": w0, "b": np.array([b0])}
+            for key, value in list(new.items()):
+                c = _state(state, scaffold.CONTROL_PREFIX + key)
+                delta = scaffold.control_delta(c, start_[key], value, steps, lr)
+                new[scaffold.DELTA_PREFIX + key] = delta.astype(np.float32)
+        elif strategy == "fedcurv":
+            fisher = self.fisher(new["w"].astype(np.float64), float(new["b"][0]))
+            for key, f in fisher.items():
+                new[fedcurv.FISHER_PREFIX + key] = f.astype(np.float32)
+                new[fedcurv.PRODUCT_PREFIX + key] = (f * new[key]).astype(np.float32)
         return new, n, metrics
+
+    def fisher(self, w: np.ndarray, b: float) -> dict[str, np.ndarray]:
+        """Return the empirical Fisher diagonal of the local data at (w, b): the mean over
+        samples of each squared per-sample gradient of the negative log-likelihood."""
+        err = _sigmoid(self.x @ w + b) - self.y  # d(-log p)/dz per sample
+        return {
+            "w": np.mean((err[:, None] * self.x.astype(np.float64)) ** 2, axis=0),
+            "b": np.array([np.mean(err**2)]),
+        }
 
     def evaluate(self, weights: Weights, config: Mapping[str, Any]) -> dict[str, float]:
         """Return {"loss", "accuracy"} of ``weights`` on the common test set."""
@@ -123,6 +172,16 @@ class LogRegEngine:
         p = np.clip(_sigmoid(x @ w + b), 1e-7, 1 - 1e-7)
         loss = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
         return {"loss": float(loss), "accuracy": float(np.mean((p > 0.5) == (y > 0.5)))}
+
+
+def _state(state: Mapping[str, Any], name: str) -> np.ndarray:
+    """Return one strategy-state tensor as float64, or raise a ConfigError naming it."""
+    if name not in state:
+        raise ConfigError(
+            f"config['strategy_state'] lacks {name!r}: the agent must pass the tensors its "
+            "aggregator ships with the global model (an older aggregator sends none; upgrade it)"
+        )
+    return np.asarray(state[name], dtype=np.float64).reshape(-1)
 
 
 def logreg_engine(
