@@ -63,6 +63,10 @@ log = logging.getLogger("fedloop.sim")
 CHUNK_BYTES = 64 * 1024 * 1024
 # Local models at least this large go back to the driver as files, not through the pipe.
 FILE_BYTES = 1024 * 1024
+# The round config's key for a strategy with side tensors (JSON: what `GlobalModelInfo.side`
+# says, the file of the shipped tensors, the directory of the agents' kept tensors). Taken
+# out before the config reaches an engine.
+SIDE_KEY = "fedloop.side"
 
 
 class AgentFailed(FedloopError):
@@ -315,8 +319,16 @@ def train_agent(
     engine = build_engine(spec, index)
     path = digest = None
     finite = False
+    side: Any = None
+    if SIDE_KEY in config:
+        config, side = _side_config(config, index)
     try:
         new, num_samples, metrics = engine.train(weights, dict(config))
+        if side is not None:
+            model, extras = side.split(new, weights.keys(), engine)
+            # Kept now: a virtual agent's upload is accepted, or the run stops.
+            side.accepted(extras, int(config["round"]))
+            new = {**model, **extras}
         parts = codec.encode_parts(new)
         nbytes = sum(len(p) for p in parts)
         if (to_file is not None or to_dir is not None) and nbytes >= FILE_BYTES:
@@ -348,6 +360,32 @@ def train_agent(
         nbytes=nbytes,
         finite=finite,
     )
+
+
+# Per process: the shipped tensors of the round it last trained in, by file.
+_shipped: tuple[str, Weights] | None = None
+
+
+def _side_config(config: Mapping[str, Any], index: int) -> tuple[dict[str, Any], Any]:
+    """Return virtual agent `index`'s config with its strategy's side tensors (instead of
+    `SIDE_KEY`), and its `fedloop.agent.side.StrategySide`."""
+    global _shipped
+    from fedloop.agent.side import KeptTensors, StrategySide, kept_file
+    from fedloop.protocol.messages import SideTensors
+
+    job = config[SIDE_KEY]
+    info = SideTensors.model_validate(job["info"])
+    side = StrategySide(
+        info, KeptTensors(kept_file(Path(job["kept"]), info.strategy, agent_name(index)))
+    )
+    shipped: Weights = {}
+    if job["shipped"] is not None:
+        if _shipped is None or _shipped[0] != job["shipped"]:
+            _shipped = None  # the last round's first
+            _shipped = (job["shipped"], codec.decode(map_file(Path(job["shipped"]))))
+        shipped = _shipped[1]
+    plain = {k: v for k, v in config.items() if k != SIDE_KEY}
+    return side.engine_config(plain, shipped, int(config["round"]) - 1), side
 
 
 # Bytes of a tensor written, hashed and checked at a time: they stay in cache for all three.
@@ -605,6 +643,7 @@ def _prepare_dir(settings: SimSettings) -> None:
         for suffix in ("", "-wal", "-shm", "-journal"):
             Path(f"{db}{suffix}").unlink(missing_ok=True)
         shutil.rmtree(directory / "blobs", ignore_errors=True)
+        shutil.rmtree(directory / "side", ignore_errors=True)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -778,7 +817,16 @@ async def run_simulation(
                     f"the aggregator has no global model {r - 1} to start round {r}; "
                     "see its log above"
                 )
-            round_config = {**agg.global_info().config, "round": r}
+            info = agg.global_info()
+            round_config: dict[str, Any] = {**info.config, "round": r}
+            shipped_file: Path | None = None
+            if info.side is not None:  # SCAFFOLD, FedCurv: their tensors travel by file
+                shipped_file = _write_shipped(settings.data_dir, current)
+                round_config[SIDE_KEY] = {
+                    "info": info.side.model_dump(),
+                    "shipped": None if shipped_file is None else str(shipped_file),
+                    "kept": str(settings.data_dir / "side"),
+                }
             chosen = sample_agents(settings.num_agents, settings.fraction, r, settings.seed)
             observer.on_round_start(r, len(chosen))
             uploads = _RoundUploads(agg, ids, r, len(chosen), observer, settings.concurrent_uploads)
@@ -792,6 +840,9 @@ async def run_simulation(
                         uploads.add(group, result)
             except BaseExceptionGroup as group_error:
                 raise _first(group_error) from None
+            finally:
+                if shipped_file is not None:
+                    shipped_file.unlink(missing_ok=True)
             del current, model_bytes
             model = None
             while model is None:
@@ -828,6 +879,19 @@ async def run_simulation(
         driver_peak_rss_mb=peak_rss_mb(),
         worker_peak_rss_mb=worker_rss,
     )
+
+
+def _write_shipped(data_dir: Path, model: Any) -> Path | None:
+    """Write what the strategy ships with `model` (a `GlobalModel`) for the round's workers
+    to read; None when it ships nothing."""
+    if model.shipped is None:
+        return None
+    path = data_dir / "side" / f"shipped-{model.round}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as handle:
+        for part in model.shipped:
+            handle.write(part)
+    return path
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -60,7 +60,9 @@ def scaffold_step(
     return x_new, c_new
 
 
-def control_delta(c: Array, x: Array, y: Array, local_steps: int, lr: float) -> Array:
+def control_delta(
+    c: np.ndarray, x: np.ndarray, y: np.ndarray, local_steps: int, lr: float
+) -> Array:
     """Return Delta c_i = c_i+ - c_i = -c + (x - y) / (K lr), option II, in float64.
 
     ``x`` is the global model trained from, ``y`` the model after K = ``local_steps`` steps
