@@ -314,3 +314,83 @@ def test_simulated_fedcurv_follows_the_paper(tmp_path: Path) -> None:
     stored = Run(settings.data_dir)
     assert stored.last == 3
     check_fedcurv(stored)
+
+
+def _kept(path: Path) -> tuple[dict[str, np.ndarray], int]:
+    kept = codec.decode(path.read_bytes())
+    return kept, int(kept.pop("fedloop.round"))
+
+
+def test_a_restarted_scaffold_agent_trains_on_from_its_kept_control_variate(
+    make_server: Any, agents: list[subprocess.Popen[bytes]]
+) -> None:
+    server: Server = make_server(rounds=3, min_agents=2, strategy={"name": "scaffold"})
+    sets = ["--set", "num_agents=2", "--set", "skew=1.0"]
+    # site0 stops after round 1 and is started again (same workdir) while round 2 waits for it
+    agents.append(
+        start_agent(server, "site0", LOGREG, "--set", "agent_index=0", *sets, "--rounds", "1")
+    )
+    agents.append(start_agent(server, "site1", LOGREG, "--set", "agent_index=1", *sets))
+    assert agents[0].wait(timeout=60) == 0
+    server.wait_for(lambda s: s["global_round"] == 1 and s["uploads"] == 1)
+    agents.append(start_agent(server, "site0", LOGREG, "--set", "agent_index=0", *sets))
+    server.wait_for(lambda s: s["finished"], timeout=60)
+    for process in agents[1:]:
+        assert process.wait(timeout=30) == 0
+    run = Run(server.data_dir)
+    steps = lambda n, m: -(-n // 16)  # noqa: E731 - one epoch of batches of 16
+    ci = check_scaffold(run, num_agents=2, lr=0.5, sampled=2, steps_of=steps)
+    # Every local model is what the engine trains from the global model, c and the agent's
+    # own c_i so far: after the restart too, site0 went on from the c_i it kept.
+    from fedloop.sim.engines import logreg_engine
+
+    ids = {name: agent_id for agent_id, name in run.agents.items()}
+    for name, index in (("site0", 0), ("site1", 1)):
+        engine = logreg_engine(index, 2, skew=1.0)
+        mine = {k: np.zeros(v.shape) for k, v in run.globals[0].items()}
+        for r in range(1, 4):
+            state = {
+                f"scaffold.c/{k}": run.states[r - 1].get(f"scaffold.c/{k}", np.zeros(v.shape))
+                for k, v in mine.items()
+            }
+            state.update({f"scaffold.ci/{k}": v for k, v in mine.items()})
+            new, _, _ = engine.train(
+                run.globals[r - 1], {"round": r, "strategy": "scaffold", "strategy_state": state}
+            )
+            (upload,) = [u for u in run.uploads[r] if u[0] == ids[name]]
+            for k in mine:
+                np.testing.assert_array_equal(upload[3][k], new[k])
+                mine[k] = mine[k] + upload[4][f"scaffold.dc/{k}"].astype(np.float64)
+        kept, kept_round = _kept(server.root / name / f"side-scaffold-{ids[name]}.safetensors")
+        assert kept_round == 3
+        for k, value in ci[ids[name]].items():
+            np.testing.assert_allclose(kept[f"scaffold.ci/{k}"], value, rtol=1e-12, atol=1e-12)
+
+
+def test_an_accepted_upload_sent_again_is_kept_once(make_server: Any, tmp_path: Path) -> None:
+    from fedloop.agent import Agent
+    from fedloop.errors import ConnectionFailed
+    from fedloop.sim.engines import logreg_engine
+
+    server: Server = make_server(rounds=2, strategy={"name": "scaffold"})
+    agent = Agent(logreg_engine(0, 1), server.url, "site", tmp_path / "site", mode="poll")
+    real = agent.client.upload
+    sent: list[int] = []
+
+    def answer_lost_once(*args: Any, **kwargs: Any) -> Any:
+        sent.append(args[1])
+        reply = real(*args, **kwargs)
+        if len(sent) == 1:  # the aggregator took it, the agent never heard
+            raise ConnectionFailed("the answer was lost")
+        return reply
+
+    agent.client.upload = answer_lost_once  # type: ignore[method-assign]
+    agent.run()
+    assert sent == [1, 1, 2]  # round 1 again: refused as duplicate_upload
+    run = Run(server.data_dir)
+    ci = check_scaffold(run, num_agents=1, lr=0.5, sampled=1, steps_of=lambda n, m: -(-n // 16))
+    ((agent_id, values),) = ci.items()
+    kept, kept_round = _kept(tmp_path / "site" / f"side-scaffold-{agent_id}.safetensors")
+    assert kept_round == 2
+    for k, value in values.items():  # dc of round 1 counted once
+        np.testing.assert_allclose(kept[f"scaffold.ci/{k}"], value, rtol=1e-12, atol=1e-12)

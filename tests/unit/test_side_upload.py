@@ -130,6 +130,11 @@ def test_scaffold_round_ships_c_and_survives_a_restart_mid_round(tmp_path: Path)
         with pytest.raises(ProtocolError) as missing:
             await agg.shipped(7)
         assert (missing.value.status, missing.value.code) == (404, "no_such_round")
+        # a's round-1 upload sent again (its answer lost): the aggregator has it, and says so
+        again = body(1.0, **{"scaffold.dc/w": dc(1.0)})
+        assert (await refused(agg, a, again)).code == "duplicate_upload"
+        (dup,) = await agg.upload_many([(request(a, 2), body(5.0, **{"scaffold.dc/w": dc(4.0)}))])
+        assert isinstance(dup, ProtocolError) and dup.code == "duplicate_upload"
         (ok,) = await agg.upload_many([(request(b, 2), body(7.0, **{"scaffold.dc/w": dc(2.0)}))])
         assert isinstance(ok, UploadResponse)
         model = await agg.wait_for_global(1, 5)
@@ -156,6 +161,11 @@ def test_fedcurv_ships_nothing_before_its_first_round(tmp_path: Path) -> None:
             (ok,) = await agg.upload_many([(request(agent), body(value, **extras))])
             assert isinstance(ok, UploadResponse)
         assert await agg.wait_for_global(0, 5) is not None
+        late = await agg.register(RegisterRequest(agent_name="late"), b"")
+        extras = {"fedcurv.fisher/w": dc(1), "fedcurv.fw/w": dc(1)}
+        # round 1 is closed: for an agent not in it that is round_closed, not a duplicate
+        assert (await refused(agg, late.agent_id, body(1.0, **extras))).code == "round_closed"
+        assert (await refused(agg, ids[0], body(1.0, **extras))).code == "duplicate_upload"
         side = agg.global_info().side
         assert side is not None and side.state
         shipped = codec.decode(b"".join(await agg.shipped(1)))

@@ -739,6 +739,8 @@ class Aggregator:
         if self.asynchronous:
             self._check_async(agent_id, round_number)
             return
+        if self.side is not None:
+            self._check_side_duplicate(agent_id, round_number)
         if round_number < self.round or (round_number == self.round and self.closing):
             raise ProtocolError(
                 f"round {round_number} is closed; the current round is {self.round} — fetch "
@@ -755,6 +757,26 @@ class Aggregator:
         if agent_id in self.pending:
             raise ProtocolError(
                 f"agent {agent_id} already uploaded a local model for round {round_number}",
+                409,
+                "duplicate_upload",
+            )
+
+    def _check_side_duplicate(self, agent_id: str, round_number: int) -> None:
+        """Refuse as duplicate_upload an upload whose round already has this agent's local
+        model, also after the round closed: with side tensors (SCAFFOLD's c_i) the agent keeps
+        what follows from an upload the aggregator took, and a retry whose first answer was
+        lost must tell it so, not round_closed."""
+        if round_number == self.round:
+            mine = agent_id in self.pending
+        elif round_number < self.round:
+            row = self.store.global_model(round_number) if round_number >= 0 else None
+            mine = row is not None and agent_id in row.contributors
+        else:
+            return
+        if mine:
+            raise ProtocolError(
+                f"agent {agent_id} already uploaded a local model for round {round_number}, "
+                "and the aggregator has it",
                 409,
                 "duplicate_upload",
             )
