@@ -138,9 +138,10 @@ class TorchClassifier:
 
         Metrics: ``loss`` (mean cross-entropy over the samples seen this round; none with
         ``epochs`` 0, which sees none: a NaN metric would be refused by the aggregator),
-        ``local_steps`` (optimizer steps) and ``local_momentum`` (the SGD momentum; each
-        round's optimizer starts with an empty momentum buffer), which FedNova needs, and
-        ``accuracy`` of the trained model on the test set when the engine has one.
+        ``local_steps`` (optimizer steps) and ``local_momentum`` (the SGD momentum, 0 in
+        SCAFFOLD rounds; each round's optimizer starts with an empty momentum buffer), which
+        FedNova needs, and ``accuracy`` of the trained model on the test set when the engine
+        has one.
         """
         epochs = int(config.get("epochs", self.epochs))
         batch_size = int(config.get("batch_size", self.batch_size))
@@ -176,11 +177,10 @@ class TorchClassifier:
                 tensors_like(model, _side(state, fedcurv.FISHER_PREFIX, trainable), trainable),
                 tensors_like(model, _side(state, fedcurv.PRODUCT_PREFIX, trainable), trainable),
             )
+        # SCAFFOLD's local steps are plain SGD steps: option II's (x - y) / (K lr) assumes them.
+        momentum = 0.0 if controls is not None else self.momentum
         optimizer = torch.optim.SGD(
-            model.parameters(),
-            lr=lr,
-            momentum=0.0 if controls is not None else self.momentum,
-            weight_decay=self.weight_decay,
+            model.parameters(), lr=lr, momentum=momentum, weight_decay=self.weight_decay
         )
         rng = np.random.default_rng([self.seed, round_])
         n = len(self._y)
@@ -210,7 +210,7 @@ class TorchClassifier:
         metrics: dict[str, float] = {
             **({"loss": loss_sum / seen} if seen else {}),
             "local_steps": float(steps),
-            "local_momentum": float(self.momentum),
+            "local_momentum": float(momentum),
         }
         if self._test is not None:
             metrics["accuracy"] = self._score(*self._test)["accuracy"]

@@ -74,7 +74,7 @@ def test_torch_scaffold_corrects_every_step_and_uploads_option_two() -> None:
     state = {f"scaffold.c/{k}": v for k, v in c.items()}
     state.update({f"scaffold.ci/{k}": v for k, v in ci.items()})
     new, n, metrics = _engine().train(x, {"strategy": "scaffold", "strategy_state": state})
-    assert n == N and metrics["local_steps"] == EPOCHS
+    assert n == N and metrics["local_steps"] == EPOCHS and metrics["local_momentum"] == 0
     # momentum 0.9 is off: the paper's plain SGD steps with g - c_i + c
     expected = _descend(x, lambda k, w: -ci[k] + c[k])
     for k in x:
