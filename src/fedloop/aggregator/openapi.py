@@ -177,16 +177,19 @@ _SECAGG_REFUSALS = (
 )
 
 
+# The `{round}` of a path: a global model's (or a secure-aggregation round's) number.
+_ROUND_PARAM = {
+    "name": "round",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "integer", "minimum": 0},
+}
+
+
 def _secagg_paths() -> dict[str, Any]:
     """Return the `/v1/secagg/{round}/…` operations (secure aggregation, docs/privacy.md)."""
-    round_param = {
-        "name": "round",
-        "in": "path",
-        "required": True,
-        "schema": {"type": "integer", "minimum": 0},
-    }
     poll_params = [
-        round_param,
+        _ROUND_PARAM,
         {"name": "agent_id", "in": "query", "required": True, "schema": {"type": "string"}},
         {
             "name": "attempt",
@@ -213,7 +216,7 @@ def _secagg_paths() -> dict[str, Any]:
         return {
             "operationId": operation,
             "summary": summary,
-            "parameters": [round_param],
+            "parameters": [_ROUND_PARAM],
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": _ref(model)}},
@@ -277,7 +280,7 @@ def _secagg_paths() -> dict[str, Any]:
                 "operationId": "secaggMaskedInput",
                 "summary": "Round 2: the masked input vector.",
                 "parameters": [
-                    round_param,
+                    _ROUND_PARAM,
                     _message_header(SecAggMaskedInput, True, "Required."),
                 ],
                 "requestBody": {
@@ -439,14 +442,7 @@ def _document() -> dict[str, Any]:
             "get": {
                 "operationId": "globalModel",
                 "summary": "The stored global model of a round (immutable, cacheable).",
-                "parameters": [
-                    {
-                        "name": "round",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "integer", "minimum": 0},
-                    }
-                ],
+                "parameters": [_ROUND_PARAM],
                 "responses": {
                     "200": {
                         "description": "the global model (safetensors); ETag: its BLAKE3 hash",
@@ -462,14 +458,7 @@ def _document() -> dict[str, Any]:
                 "operationId": "strategyState",
                 "summary": "The tensors the strategy ships with a global model (SCAFFOLD's "
                 "control variate, FedCurv's sums), when GlobalModelInfo.side.state says so.",
-                "parameters": [
-                    {
-                        "name": "round",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "integer", "minimum": 0},
-                    }
-                ],
+                "parameters": [_ROUND_PARAM],
                 "responses": {
                     "200": {
                         "description": "the shipped tensors (safetensors, float64)",
