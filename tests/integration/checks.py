@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,16 @@ import numpy as np
 from fedloop.protocol import codec
 from fedloop.store.blobs import BlobStore
 from fedloop.store.db import Store, database_url
+
+
+@contextmanager
+def opened(data_dir: Path) -> Iterator[tuple[Store, BlobStore]]:
+    """Yield a run's store and blob store (SQLite in `data_dir`), closed afterwards."""
+    store = Store(database_url(data_dir, None))
+    try:
+        yield store, BlobStore(data_dir / "blobs")
+    finally:
+        store.close()
 
 
 def assert_globals_are_weighted_means(data_dir: Path, rounds: int, url: str | None = None) -> None:

@@ -9,36 +9,26 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+from checks import opened
 from harness import Server, start_agent
 
 from fedloop.agent.client import AggregatorClient, Refused
 from fedloop.protocol import codec
 from fedloop.security import tokens
 from fedloop.sim import LocalBackend, SimSettings, run
-from fedloop.store.blobs import BlobStore
 from fedloop.store.db import Store, database_url
 from fedloop.types import Weights
 
 DIGITS = "fedloop.ml.engines:digits_engine"
 LOGREG = "fedloop.sim.engines:logreg_engine"
 DIGITS_LR = 0.05  # TorchClassifier's default learning rate
-
-
-@contextmanager
-def opened(data_dir: Path) -> Iterator[tuple[Store, BlobStore]]:
-    store = Store(database_url(data_dir, None))
-    try:
-        yield store, BlobStore(data_dir / "blobs")
-    finally:
-        store.close()
 
 
 def f64(weights: Weights) -> dict[str, np.ndarray]:

@@ -5,33 +5,23 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from checks import opened
 from harness import Server, env, start_agent
 
 from fedloop.agent.client import AggregatorClient, Refused
 from fedloop.demo import write_config
 from fedloop.protocol import codec
 from fedloop.store.blobs import BlobStore
-from fedloop.store.db import LocalModelRow, Store, database_url
+from fedloop.store.db import LocalModelRow, Store
 from fedloop.strategies import FedAdam, Update
 from fedloop.types import Weights
 
 ZEROS = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
-
-
-@contextmanager
-def opened(data_dir: Path) -> Iterator[tuple[Store, BlobStore]]:
-    store = Store(database_url(data_dir, None))
-    try:
-        yield store, BlobStore(data_dir / "blobs")
-    finally:
-        store.close()
 
 
 def _globals(store: Store, blobs: BlobStore) -> dict[int, Weights]:
